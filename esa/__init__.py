@@ -1,0 +1,1 @@
+"""esa: Extreme Sensitivity Analysis."""

@@ -1,0 +1,79 @@
+"""``esa baseline``: perplexity, loss and next-token accuracy, with the NLL of every window kept.
+
+Files in the run directory: ``config.json`` (resolved configuration), ``metrics.json`` (PPL, mean NLL,
+accuracy, tokens, leak flags), ``window_nll.csv`` (one row per window), ``experiment_manifest.json`` (last).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from esa.config import BaselineConfig, to_dict
+from esa.evaluate import EvalResult, evaluate, leak_warnings, require_finite
+from esa.manifest import Timer, build_manifest
+from esa.modeling import LoadedModel
+from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, prepare_run_dir
+from esa.session import Session, open_session, validate_data_config
+from esa.windows import Windows
+
+WINDOW_NLL_HEADER = ("window", "corpus_window", "nll_sum", "tokens", "mean_nll", "correct")
+
+
+@dataclass
+class BaselineRun:
+    out_dir: Path
+    result: EvalResult
+    metrics: dict
+    session: Session
+
+
+def baseline_metrics(result: EvalResult, windows: Windows, loaded: LoadedModel) -> dict:
+    warnings = leak_warnings(result, windows.input_ids)
+    vocab = getattr(loaded.model.config, "vocab_size", None)
+    return {
+        **result.summary(),
+        "seq_len": windows.seq_len,
+        "uniform_guess_ppl": vocab,
+        "leak_suspected": bool(warnings),
+        "leak_warnings": warnings,
+    }
+
+
+def window_rows(result: EvalResult, windows: Windows) -> list[tuple]:
+    return [
+        (i, windows.window_index[i], repr(float(result.nll[i])), int(result.tokens[i]),
+         repr(float(result.nll[i] / result.tokens[i])), int(result.correct[i]))
+        for i in range(result.nll.size)
+    ]
+
+
+def write_window_nll(path: Path, result: EvalResult, windows: Windows) -> None:
+    atomic_write_csv(path, WINDOW_NLL_HEADER, window_rows(result, windows))
+
+
+def begin_run(out_dir: Path, overwrite: bool) -> None:
+    """Mark the directory unfinished before new results replace old ones (so a crash cannot mix two runs)."""
+    manifest = Path(out_dir) / MANIFEST
+    if overwrite and manifest.exists():
+        manifest.unlink()
+
+
+def run_baseline(config: BaselineConfig, *, command: str = "baseline") -> BaselineRun:
+    out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
+    validate_data_config(config.data)
+    timer = Timer()
+    with timer.phase("load"):
+        session = open_session(config.model, config.data)
+    with timer.phase("evaluate"):
+        result = evaluate(session.loaded.model, session.windows.input_ids, batch_size=config.data.batch_size,
+                          description="baseline")
+    require_finite(result)
+    metrics = baseline_metrics(result, session.windows, session.loaded)
+
+    begin_run(out_dir, config.overwrite)
+    atomic_write_json(out_dir / "config.json", to_dict(config))
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    write_window_nll(out_dir / "window_nll.csv", result, session.windows)
+    atomic_write_json(out_dir / MANIFEST, build_manifest(command, timer=timer, extra=session.describe()))
+    return BaselineRun(out_dir=out_dir, result=result, metrics=metrics, session=session)

@@ -1,0 +1,100 @@
+"""Resolved configurations of esa's commands; each run writes its own to ``config.json``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    model: str | None = None  # hub id or local directory; None = the embedded tiny model
+    dtype: str = "auto"
+    device: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "embedded"  # "embedded" or "wikitext2"
+    dataset_path: str | None = None
+    text_file: str | None = None
+    seq_len: int | None = None  # None = min(2048, model context)
+    max_samples: int | None = None  # None = every window
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class BaselineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    out_dir: str = "runs/baseline"
+    overwrite: bool = False
+
+
+@dataclass
+class SelectionConfig:
+    """Which weights are scored, how, and how many are selected."""
+
+    metric: str = "grad_x_weight"
+    mode: str = "per_layer"  # per_layer: top-k in every tensor; global: top-k over the whole model
+    topk: int = 100
+    include: list[str] = field(default_factory=list)  # glob patterns on tensor names; empty = every weight matrix
+    exclude: list[str] = field(default_factory=list)
+    include_biases: bool = False
+    include_norms: bool = False
+    hutchinson_probes: int = 8
+    hessian_budget: int = 4096  # most weights hessian_diag may score (one HVP per weight)
+
+
+@dataclass
+class ProfileConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    stability_check: bool = False
+    stability_fraction: float = 0.5  # share of the windows each stability seed scores on
+    save_scores: bool = False
+    save_plots: bool = False
+    out_dir: str = "runs/profile"
+    overwrite: bool = False
+
+
+@dataclass
+class PerturbConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    perturb: str = "zero"  # zero | sign_flip | gauss_noise | bit_flip
+    perturb_scale: float = 1.0
+    perturb_prob: float = 1.0
+    bits: str = "any"
+    controls: list[str] = field(default_factory=lambda: ["random_k", "bottom_k"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    from_profile: str | None = None  # reuse the selection of a finished profile run
+    weights_file: str | None = None  # explicit tensor,row,col list
+    stability_check: bool = False  # re-select the top-k on a seeded subset of windows per seed
+    stability_fraction: float = 0.5
+    random_stratified: bool = True  # random_k matches the top-k's per-tensor counts
+    n_bootstrap: int = 10_000
+    save_plots: bool = False
+    out_dir: str = "runs/perturb"
+    overwrite: bool = False
+
+
+def to_dict(config: Any) -> dict:
+    def clean(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return clean(asdict(config))

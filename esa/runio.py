@@ -1,0 +1,157 @@
+"""Run directories on disk: atomic writes, the finished-run guard, and reading results back.
+
+Every file is written to a temporary name in the same directory, flushed, fsynced and renamed over the target
+(``os.replace`` is atomic on POSIX and Windows), so a reader never sees a half-written file and a crash leaves
+either the old file or the new one. A run directory is *finished* when its ``experiment_manifest.json`` says
+``"status": "complete"``; that file is written last.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from esa.errors import EsaError
+
+MANIFEST = "experiment_manifest.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same directory + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_safe(obj: Any) -> Any:
+    """Replace non-finite floats by strings ("nan", "inf", "-inf") so the file stays standard JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return _json_safe(obj.item())
+    return obj
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(_json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, to_json(obj))
+
+
+def atomic_write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EsaError(f"{path} not found") from None
+    except json.JSONDecodeError as e:
+        raise EsaError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON line and fsync, so a finished trial survives a crash of the next one.
+
+    A crash during the write can leave a torn last line; :func:`read_jsonl` drops it.
+    """
+    line = json.dumps(_json_safe(record), allow_nan=False) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a JSON-lines file, ignoring a torn (unparsable) final line left by a crash."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # torn tail from an interrupted append
+            raise EsaError(f"{path} line {i + 1} is corrupt; delete the run or rerun with --overwrite") from None
+    return records
+
+
+def read_csv_rows(path: Path, required: Sequence[str] = ()) -> list[dict[str, str]]:
+    """Rows of a CSV file with a header, as dicts; missing file or columns are one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise EsaError(f"{path} not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise EsaError(f"{path} lacks the column(s) {', '.join(missing)}")
+        return list(reader)
+
+
+def is_finished(run_dir: Path) -> bool:
+    manifest = Path(run_dir) / MANIFEST
+    if not manifest.exists():
+        return False
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("status") == "complete"
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def prepare_run_dir(run_dir: Path, *, overwrite: bool, resumable: bool = False) -> Path:
+    """Check that results may be written to ``run_dir``; create nothing yet.
+
+    A finished run is never replaced silently: ``overwrite=True`` is required. An unfinished directory is
+    accepted when ``resumable`` (the command picks up where it stopped); otherwise files of an unfinished run
+    are simply replaced as new results are written.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EsaError(f"--out-dir {run_dir} exists and is not a directory")
+    if run_dir.is_dir() and is_finished(run_dir) and not overwrite:
+        raise EsaError(f"{run_dir} already holds a finished run; pass --overwrite to replace it or choose another --out-dir")
+    return run_dir
+
+
+def clear_run_files(run_dir: Path, names: Iterable[str]) -> None:
+    """Remove files of a previous run that ``--overwrite`` replaces (only the named ones, never the folder)."""
+    for name in names:
+        p = Path(run_dir) / name
+        if p.is_file():
+            p.unlink()
