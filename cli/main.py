@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -81,20 +81,230 @@ def print_baseline(metrics: dict, described: dict, out_dir: Path) -> None:
 
 @app.command()
 @user_errors
-def profile() -> None:
-    """Sensitivity scores of every weight, top-k selection and heavy-tail statistics (not implemented yet)."""
-    from esa.errors import EsaError
+def profile(
+    model: o.Model = None,
+    dtype: o.Dtype = "auto",
+    device: o.Device = "auto",
+    revision: o.Revision = None,
+    trust_remote_code: o.TrustRemoteCode = False,
+    attn_implementation: o.AttnImplementation = None,
+    dataset: o.Dataset = "embedded",
+    dataset_path: o.DatasetPath = None,
+    text_file: o.TextFile = None,
+    seq_len: o.SeqLen = None,
+    max_samples: o.MaxSamples = None,
+    batch_size: o.BatchSize = 8,
+    seed: o.Seed = 0,
+    metric: o.Metric = "grad_x_weight",
+    mode: o.Mode = "per_layer",
+    topk: o.TopK = 100,
+    include: o.Include = None,
+    exclude: o.Exclude = None,
+    include_biases: o.IncludeBiases = False,
+    include_norms: o.IncludeNorms = False,
+    hutchinson_probes: o.HutchinsonProbes = 8,
+    hessian_budget: o.HessianBudget = 4096,
+    seeds: o.Seeds = "0,1,2",
+    stability_check: o.StabilityCheck = False,
+    stability_fraction: o.StabilityFraction = 0.5,
+    save_scores: Annotated[bool, typer.Option("--save-scores", help="also write every score to scores.safetensors "
+                                              "(4 bytes per scored weight)", rich_help_panel="Output")] = False,
+    save_plots: o.SavePlots = False,
+    out_dir: o.OutDir = Path("runs/profile"),
+    overwrite: o.Overwrite = False,
+) -> None:
+    """Sensitivity scores of every weight, top-k / bottom-k selection, heavy-tail statistics and locations."""
+    from esa.config import ProfileConfig
+    from esa.profile import run_profile
 
-    raise EsaError("esa profile is not implemented yet")
+    config = ProfileConfig(
+        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation),
+        data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
+        selection=o.selection_config(metric, mode, topk, include, exclude, include_biases, include_norms,
+                                     hutchinson_probes, hessian_budget),
+        seeds=o.parse_seeds(seeds), stability_check=stability_check, stability_fraction=stability_fraction,
+        save_scores=save_scores, save_plots=save_plots, out_dir=str(out_dir), overwrite=overwrite,
+    )
+    run = run_profile(config)
+    print_profile(run["metrics"], run["stability"], run["out_dir"])
+
+
+def print_profile(metrics: dict, stability: dict | None, out_dir: Path) -> None:
+    table = Table(title=f"profile — {metrics['metric']}, {metrics['mode']}, k={metrics['topk']}", show_header=False,
+                  title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("scored weights", f"{metrics['scored_weights']:,} in {metrics['scored_tensors']} tensors")
+    table.add_row("selected", f"{metrics['selected']:,} (in {metrics['tensors_with_topk']} tensors)")
+    top1 = metrics.get("top1")
+    if top1:
+        where = f"{top1['tensor']} [{top1['row']}" + ("" if top1["col"] is None else f", {top1['col']}") + "]"
+        table.add_row("top-1 weight", f"{where}  score {top1['score']:.4g}")
+    table.add_row("share of score mass in top-k", _fmt(metrics["topk_mass_share"]))
+    table.add_row("max / mean score", f"{metrics['max_over_mean']:.4g}")
+    table.add_row("excess kurtosis · Gini", f"{metrics['excess_kurtosis']:.4g} · {metrics['gini']:.3f}")
+    alpha = metrics.get("hill_alpha")
+    table.add_row("tail index (Hill α) · best fit",
+                  f"{'n/a' if alpha is None else f'{alpha:.3g}'} · {metrics.get('best_tail_fit') or 'n/a'}")
+    table.add_row("top-k in embeddings · lm_head",
+                  f"{metrics['topk_share_embed']:.1%} · {metrics['topk_share_lm_head']:.1%}")
+    if stability:
+        pairs = ", ".join(f"{k}: {v:.3f}" for k, v in stability["pairwise_jaccard"].items())
+        table.add_row("top-k Jaccard across seeds", f"mean {stability['mean_jaccard']:.3f} ({pairs})")
+    console.print(table)
+    if stability and stability.get("warning"):
+        console.print(f"[yellow]warning:[/] {stability['warning']}")
+    console.print(f"results in {out_dir}")
 
 
 @app.command()
 @user_errors
-def perturb() -> None:
-    """Causal tests: perturb the top-k weights and random/bottom controls (not implemented yet)."""
-    from esa.errors import EsaError
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="two or more finished profile run directories")],
+    out: Annotated[Optional[Path], typer.Option(help="write compare.json and overlap/jaccard/spearman CSVs here")] = None,
+) -> None:
+    """Overlap@k, Jaccard and rank correlation between the top-k sets of profile runs (e.g. different metrics)."""
+    from esa.compare import compare_runs, write_comparison
 
-    raise EsaError("esa perturb is not implemented yet")
+    result = compare_runs(run_dirs)
+    if out is not None:
+        write_comparison(result, out)
+    table = Table(title="top-k agreement between runs", title_justify="left")
+    for col in ("run A", "run B", "overlap@k", "Jaccard", "Spearman ρ", "ρ basis"):
+        table.add_column(col, justify="right" if col[0] in "oJS" else "left")
+    for p in result["pairs"]:
+        table.add_row(p["a"], p["b"], _fmt(p["overlap_at_k"], 3), _fmt(p["jaccard"], 3), _fmt(p["spearman"], 3),
+                      p["basis"])
+    console.print(table)
+    if out is not None:
+        console.print(f"results in {out}")
+
+
+@app.command()
+@user_errors
+def tensors(
+    model: o.Model = None,
+    dtype: o.Dtype = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps", rich_help_panel="Model")] = "cpu",
+    revision: o.Revision = None,
+    trust_remote_code: o.TrustRemoteCode = False,
+    include: o.Include = None,
+    exclude: o.Exclude = None,
+    include_biases: o.IncludeBiases = False,
+    include_norms: o.IncludeNorms = False,
+) -> None:
+    """List the tensors profile would score, with their layer and component names (for --include/--exclude)."""
+    from esa.modeling import load_model
+    from esa.tensors import select_tensors
+
+    loaded = load_model(model, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code)
+    chosen = select_tensors(loaded.model, list(include or []), list(exclude or []), biases=include_biases,
+                            norms=include_norms)
+    table = Table(title=f"tensors of {loaded.model_id}", title_justify="left")
+    for col in ("tensor", "shape", "layer", "component", "weights"):
+        table.add_column(col, justify="right" if col == "weights" else "left")
+    for info, _ in chosen:
+        table.add_row(info.name + ("" if not info.aliases else f" (= {', '.join(info.aliases)})"),
+                      "×".join(map(str, info.shape)), "" if info.layer is None else str(info.layer), info.component,
+                      f"{info.numel:,}")
+    console.print(table)
+    console.print(f"{len(chosen)} tensors, {sum(i.numel for i, _ in chosen):,} weights")
+
+
+@app.command()
+@user_errors
+def perturb(
+    model: o.Model = None,
+    dtype: o.Dtype = "auto",
+    device: o.Device = "auto",
+    revision: o.Revision = None,
+    trust_remote_code: o.TrustRemoteCode = False,
+    attn_implementation: o.AttnImplementation = None,
+    dataset: o.Dataset = "embedded",
+    dataset_path: o.DatasetPath = None,
+    text_file: o.TextFile = None,
+    seq_len: o.SeqLen = None,
+    max_samples: o.MaxSamples = None,
+    batch_size: o.BatchSize = 8,
+    seed: o.Seed = 0,
+    metric: o.Metric = "grad_x_weight",
+    mode: o.Mode = "per_layer",
+    topk: o.TopK = 100,
+    include: o.Include = None,
+    exclude: o.Exclude = None,
+    include_biases: o.IncludeBiases = False,
+    include_norms: o.IncludeNorms = False,
+    hutchinson_probes: o.HutchinsonProbes = 8,
+    hessian_budget: o.HessianBudget = 4096,
+    perturb: o.Perturb = "zero",
+    perturb_scale: o.PerturbScale = 1.0,
+    perturb_prob: o.PerturbProb = 1.0,
+    bits: o.Bits = "any",
+    controls: o.Controls = "random_k,bottom_k",
+    from_profile: o.FromProfile = None,
+    weights: o.WeightsFile = None,
+    stratified: o.Stratified = True,
+    n_bootstrap: o.NBootstrap = 10_000,
+    seeds: o.Seeds = "0,1,2",
+    stability_check: o.StabilityCheck = False,
+    stability_fraction: o.StabilityFraction = 0.5,
+    save_plots: o.SavePlots = False,
+    out_dir: o.OutDir = Path("runs/perturb"),
+    overwrite: o.Overwrite = False,
+) -> None:
+    """Causal test: perturb the top-k weights and random_k / bottom_k controls over seeds, restoring bit-exactly.
+
+    Rerunning the same command resumes an interrupted run.
+    """
+    from esa.config import PerturbConfig
+    from esa.trials import run_perturb
+
+    config = PerturbConfig(
+        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation),
+        data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
+        selection=o.selection_config(metric, mode, topk, include, exclude, include_biases, include_norms,
+                                     hutchinson_probes, hessian_budget),
+        perturb=perturb, perturb_scale=perturb_scale, perturb_prob=perturb_prob, bits=bits,
+        controls=o.parse_controls(controls), seeds=o.parse_seeds(seeds),
+        from_profile=str(from_profile) if from_profile else None, weights_file=str(weights) if weights else None,
+        stability_check=stability_check, stability_fraction=stability_fraction, random_stratified=stratified,
+        n_bootstrap=n_bootstrap, save_plots=save_plots, out_dir=str(out_dir), overwrite=overwrite,
+    )
+    run = run_perturb(config)
+    print_perturb(run["results"], run["out_dir"])
+
+
+def _p(x: float | None) -> str:
+    return "n/a" if x is None or x != x else (f"{x:.2e}" if x < 1e-3 else f"{x:.4f}")
+
+
+def print_perturb(results: dict, out_dir: Path) -> None:
+    spec = results["perturbation"]
+    base = results["baseline"]
+    table = Table(title=f"perturb — {spec['kind']} (baseline PPL {base['ppl']:.4f}, {base['n_windows']} windows)",
+                  title_justify="left")
+    for col in ("condition", "weights", "PPL", "ΔPPL", "95% CI", "ΔPPL over seeds", "collapsed"):
+        table.add_column(col, justify="left" if col == "condition" else "right")
+    for cond, c in results["conditions"].items():
+        ci = c.get("ci95_delta_ppl")
+        spread = (f"{c['delta_ppl_mean_over_seeds']:.4g} ± {c['delta_ppl_std_over_seeds']:.2g}"
+                  if "delta_ppl_mean_over_seeds" in c else "n/a")
+        table.add_row(cond, f"{c['n_weights']:,}", f"{c['ppl']:.4f}", f"{c['delta_ppl']:+.4g}",
+                      f"[{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else "n/a", spread,
+                      f"{c['n_collapsed']}/{c['n_trials']}")
+    console.print(table)
+    for key, t in results["tests"].items():
+        welch = t.get("across_seeds", {})
+        console.print(f"{key.replace('_vs_', ' vs ')}: paired t p={_p(t.get('p_paired_t'))}, "
+                      f"Wilcoxon p={_p(t.get('p_wilcoxon'))}, d_z={_fmt(t.get('effect_size_dz', float('nan')), 3)}; "
+                      f"Welch across seeds p={_p(welch.get('p_welch'))}")
+    ratio = results["effect_ratio"]
+    console.print(f"effect ratio ΔPPL(super)/ΔPPL(random_k): {_fmt(ratio.get('value', float('nan')), 3)}"
+                  + (f" (95% CI {ratio['ci95'][0]:.3g}–{ratio['ci95'][1]:.3g})" if ratio.get("ci95") else "")
+                  + (f" — {ratio['note']}" if ratio.get("note") else ""))
+    if "stability" in results:
+        console.print(f"top-k Jaccard across seeds: mean {results['stability']['mean_jaccard']:.3f}")
+    console.print(f"results in {out_dir}")
 
 
 @app.command()

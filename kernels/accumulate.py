@@ -33,8 +33,8 @@ OPS = ("abs_product", "square", "product", "abs", "abs_scaled")
 _NEEDS_B = ("abs_product", "product")
 _OP_CODE = {name: code for code, name in enumerate(OPS)}
 
-#: Elements per chunk of the torch reference (bounds its fp32 temporaries to 256 MiB each).
-TORCH_CHUNK = 1 << 26
+#: Elements per chunk of the torch reference (bounds its fp32 temporaries to 16 MiB each).
+TORCH_CHUNK = 1 << 22
 #: Elements per Triton program.
 BLOCK = 2048
 
@@ -175,7 +175,7 @@ def _update_torch(op: str, a: torch.Tensor, b: torch.Tensor | None) -> torch.Ten
     """The eager fp32 update for one chunk (the formulas of the module docstring)."""
     af = a.float()
     if op == "abs_product":
-        return (af * b.float()).abs()
+        return (af * b.float()).abs_()  # in place: one temporary per chunk
     if op == "square":
         return af * af
     if op == "product":

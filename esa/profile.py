@@ -1,0 +1,311 @@
+"""``esa profile``: score every weight, select the top-k / bottom-k, and describe the score distribution.
+
+Files in the run directory:
+- ``top_weights.csv`` / ``bottom_weights.csv``: rank, tensor, layer, component, expert, row, col, flat_index,
+  score, weight (the selection that ``esa perturb --from-profile`` reuses);
+- ``tensor_stats.csv``: per scored tensor, the statistics of :mod:`esa.tailstats`;
+- ``score_stats.json``: the same for the whole model and per component, plus zero counts;
+- ``locations.csv``: layer × component table of top-k counts and of score mass;
+- ``metrics.json``: headline numbers (share of top-k in embeddings / lm_head, tail index, stability);
+- ``stability.json`` and ``stability/top_weights_seed<S>.csv`` with ``--stability-check``;
+- ``scores.safetensors`` with ``--save-scores`` (float32, one entry per tensor: 4 bytes per weight);
+- ``plots/`` with ``--save-plots``; ``config.json``; ``experiment_manifest.json`` (last).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from esa import tailstats
+from esa.baseline import begin_run
+from esa.config import ProfileConfig, SelectionConfig, to_dict
+from esa.errors import EsaError
+from esa.manifest import Timer, build_manifest
+from esa.runio import MANIFEST, atomic_write_bytes, atomic_write_csv, atomic_write_json, prepare_run_dir, read_csv_rows
+from esa.scoring import ScoreSet, check_metric, compute_scores, needs_double_backward
+from esa.selection import MODES, WeightSet, jaccard, select_extreme
+from esa.session import Session, open_session, validate_data_config
+from esa.tensors import TensorInfo, select_tensors
+from esa.windows import seeded_subset
+
+WEIGHTS_HEADER = ("rank", "tensor", "layer", "component", "expert", "row", "col", "flat_index", "score", "weight")
+STATS_COLUMNS = ("numel", "zeros", "mean", "std", "max", "max_over_mean", "q50", "q90", "q99", "q999", "gini",
+                 "excess_kurtosis", "topk", "topk_mass_share", "tail_m", "hill_alpha", "best_fit",
+                 "R_powerlaw_vs_exponential", "p_powerlaw_vs_exponential", "R_powerlaw_vs_lognormal",
+                 "p_powerlaw_vs_lognormal", "heavier_than_exponential")
+EDGE_COMPONENTS = ("embed", "lm_head")
+MIN_TAIL_VALUES = 1000
+
+
+@dataclass
+class Selection:
+    """Scores reduced to what later steps need: the chosen sets and the tensors they come from."""
+
+    tensors: list[TensorInfo]
+    top: WeightSet
+    bottom: WeightSet
+    summaries: dict[str, tailstats.TensorSummary] = field(default_factory=dict)
+
+
+def validate_selection(sel: SelectionConfig) -> None:
+    check_metric(sel.metric)
+    if sel.mode not in MODES:
+        raise EsaError(f"unknown --mode {sel.mode!r}; use per_layer or global")
+    if sel.topk < 1:
+        raise EsaError(f"--topk must be at least 1 (got {sel.topk})")
+    if sel.hutchinson_probes < 1:
+        raise EsaError(f"--hutchinson-probes must be at least 1 (got {sel.hutchinson_probes})")
+
+
+def scored_tensors(model: torch.nn.Module, sel: SelectionConfig) -> list[tuple[TensorInfo, torch.nn.Parameter]]:
+    tensors = select_tensors(model, sel.include, sel.exclude, biases=sel.include_biases, norms=sel.include_norms)
+    if not tensors:
+        raise EsaError("no tensor matches --include/--exclude (see tensor names with `esa tensors`)")
+    return tensors
+
+
+def score_and_select(session: Session, sel: SelectionConfig, windows: torch.Tensor, *, batch_size: int, seed: int,
+                     summarize: bool = False) -> tuple[Selection, ScoreSet]:
+    tensors = scored_tensors(session.loaded.model, sel)
+    scores = compute_scores(session.loaded.model, tensors, windows, sel.metric, batch_size=batch_size,
+                            hutchinson_probes=sel.hutchinson_probes, hessian_budget=sel.hessian_budget, seed=seed)
+    top = select_extreme(scores, sel.topk, sel.mode, largest=True)
+    bottom = select_extreme(scores, sel.topk, sel.mode, largest=False)
+    summaries = {}
+    if summarize:
+        tail = max(sel.topk, MIN_TAIL_VALUES)
+        summaries = {t.name: tailstats.summarize(scores.scores[t.name], tail, seed=seed) for t in scores.tensors}
+    return Selection(scores.tensors, top, bottom, summaries), scores
+
+
+# ----------------------------------------------------------------------------------------------- weights files
+def weight_rows(ws: WeightSet, tensors: list[TensorInfo], params: dict[str, torch.Tensor]) -> list[tuple]:
+    info = {t.name: t for t in tensors}
+    rows = []
+    by_tensor: dict[str, list[int]] = {}
+    for i, name in enumerate(ws.tensor):
+        by_tensor.setdefault(name, []).append(i)
+    values = np.full(len(ws), np.nan)
+    coords = {"expert": [None] * len(ws), "row": [None] * len(ws), "col": [None] * len(ws)}
+    for name, positions in by_tensor.items():
+        flat = torch.as_tensor(ws.flat_index[positions])
+        if name in params:
+            values[positions] = params[name].detach().reshape(-1)[flat.to(params[name].device)].double().cpu().numpy()
+        c = info[name].coordinates(flat)
+        for key in coords:
+            for p, v in zip(positions, c[key].tolist() if c[key] is not None else [None] * len(positions)):
+                coords[key][p] = v
+    for i, name in enumerate(ws.tensor):
+        t = info[name]
+        expert = coords["expert"][i] if coords["expert"][i] is not None else t.expert
+        rows.append((int(ws.rank[i]), name, "" if t.layer is None else t.layer, t.component,
+                     "" if expert is None else expert, coords["row"][i], "" if coords["col"][i] is None else coords["col"][i],
+                     int(ws.flat_index[i]), repr(float(ws.score[i])), repr(float(values[i]))))
+    return rows
+
+
+def write_weights(path: Path, ws: WeightSet, tensors: list[TensorInfo], params: dict[str, torch.Tensor]) -> None:
+    atomic_write_csv(path, WEIGHTS_HEADER, weight_rows(ws, tensors, params))
+
+
+def read_weights(path: Path, kind: str = "top_k") -> WeightSet:
+    """A selection back from ``top_weights.csv``-style files (only tensor and flat_index are needed)."""
+    rows = read_csv_rows(path, required=("tensor", "flat_index"))
+    score = np.array([float(r["score"]) if r.get("score") not in (None, "") else np.nan for r in rows])
+    rank = np.array([int(r["rank"]) if r.get("rank") not in (None, "") else i for i, r in enumerate(rows)], np.int64)
+    return WeightSet([r["tensor"] for r in rows], np.array([int(r["flat_index"]) for r in rows], np.int64), score,
+                     rank, kind)
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def _group_key(t: TensorInfo) -> str:
+    return t.component
+
+
+def score_statistics(selection: Selection, k: int) -> tuple[dict, list[tuple]]:
+    """(score_stats.json content, tensor_stats.csv rows)."""
+    rows = []
+    per_tensor = {}
+    for t in selection.tensors:
+        d = tailstats.describe(selection.summaries[t.name], k)
+        per_tensor[t.name] = d
+        rows.append((t.name, "" if t.layer is None else t.layer, t.component, *[d.get(c, "") for c in STATS_COLUMNS]))
+    summaries = list(selection.summaries.values())
+    tail = max(k, MIN_TAIL_VALUES)
+    model_wide = tailstats.describe(tailstats.combine(summaries, tail=tail), k)
+    components: dict[str, list[tailstats.TensorSummary]] = {}
+    for t in selection.tensors:
+        components.setdefault(_group_key(t), []).append(selection.summaries[t.name])
+    per_component = {c: tailstats.describe(tailstats.combine(s, tail=tail), k) for c, s in components.items()}
+    return {"model": model_wide, "components": per_component, "tensors": per_tensor}, rows
+
+
+def location_table(selection: Selection) -> tuple[list[tuple], dict]:
+    """Rows (layer, component, topk_count, topk_share, score_mass_share) and a summary of edge components."""
+    info = {t.name: t for t in selection.tensors}
+    counts: dict[tuple, int] = {}
+    for name in selection.top.tensor:
+        key = (info[name].layer, info[name].component)
+        counts[key] = counts.get(key, 0) + 1
+    mass: dict[tuple, float] = {}
+    for t in selection.tensors:
+        key = (t.layer, t.component)
+        mass[key] = mass.get(key, 0.0) + selection.summaries[t.name].total if selection.summaries else 0.0
+    total_mass = sum(mass.values()) or 1.0
+    n_top = max(1, len(selection.top))
+    keys = sorted(set(counts) | set(mass), key=lambda k: (-1 if k[0] is None else k[0], k[1]))
+    rows = [("" if layer is None else layer, comp, counts.get((layer, comp), 0), counts.get((layer, comp), 0) / n_top,
+             mass.get((layer, comp), 0.0) / total_mass) for layer, comp in keys]
+    edge = {c: sum(v for (l, comp), v in counts.items() if comp == c) / n_top for c in EDGE_COMPONENTS}
+    tensors_hit = len(set(selection.top.tensor))
+    top_tensor_share = max(selection.top.counts().values()) / n_top if len(selection.top) else 0.0
+    return rows, {"topk_share_embed": edge["embed"], "topk_share_lm_head": edge["lm_head"],
+                  "tensors_with_topk": tensors_hit, "largest_single_tensor_share": top_tensor_share}
+
+
+# ----------------------------------------------------------------------------------------------- stability
+def stability(session: Session, config: ProfileConfig) -> tuple[dict, dict[int, Selection]]:
+    """Top-k from seeded subsets of the evaluation windows (a fraction of them each) and their pairwise Jaccard."""
+    n = session.windows.n
+    size = max(1, int(round(config.stability_fraction * n)))
+    sets: dict[int, Selection] = {}
+    subsets = {}
+    for s in config.seeds:
+        positions = seeded_subset(n, size, s)
+        subsets[s] = [session.windows.window_index[p] for p in positions]
+        sel, scores = score_and_select(session, config.selection, session.windows.input_ids[positions],
+                                       batch_size=config.data.batch_size, seed=s)
+        del scores
+        sets[s] = sel
+    pairs = {}
+    per_tensor: dict[str, list[float]] = {}
+    for a, b in itertools.combinations(config.seeds, 2):
+        pairs[f"{a}-{b}"] = jaccard(sets[a].top, sets[b].top)
+        ta, tb = sets[a].top.by_tensor(), sets[b].top.by_tensor()
+        for name in set(ta) | set(tb):
+            ka = set(ta.get(name, torch.empty(0, dtype=torch.int64)).tolist())
+            kb = set(tb.get(name, torch.empty(0, dtype=torch.int64)).tolist())
+            per_tensor.setdefault(name, []).append(len(ka & kb) / len(ka | kb) if ka | kb else 1.0)
+    values = list(pairs.values())
+    result = {
+        "seeds": config.seeds,
+        "fraction": config.stability_fraction,
+        "windows_per_seed": size,
+        "windows": {str(s): w for s, w in subsets.items()},
+        "pairwise_jaccard": pairs,
+        "mean_jaccard": float(np.mean(values)) if values else float("nan"),
+        "min_jaccard": float(np.min(values)) if values else float("nan"),
+        "per_tensor_mean_jaccard": {k: float(np.mean(v)) for k, v in per_tensor.items()},
+    }
+    if size == n:
+        result["warning"] = "every seed used all windows (too few windows): Jaccard is trivially 1"
+    return result, sets
+
+
+# ----------------------------------------------------------------------------------------------- the command
+def validate_profile(config: ProfileConfig) -> None:
+    validate_data_config(config.data)
+    validate_selection(config.selection)
+    if config.stability_check:
+        if len(config.seeds) < 2:
+            raise EsaError("--stability-check needs at least two --seeds (e.g. --seeds 0,1,2)")
+        if not 0 < config.stability_fraction <= 1:
+            raise EsaError("--stability-fraction must be in (0, 1]")
+
+
+def open_for_selection(config_model, data, sel: SelectionConfig) -> Session:
+    if needs_double_backward(sel.metric) and not config_model.attn_implementation:
+        config_model.attn_implementation = "eager"  # double backward needs the plain attention path
+    return open_session(config_model, data)
+
+
+def run_profile(config: ProfileConfig, *, command: str = "profile") -> dict:
+    out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
+    validate_profile(config)
+    timer = Timer()
+    with timer.phase("load"):
+        session = open_for_selection(config.model, config.data, config.selection)
+    model = session.loaded.model
+    params = dict(model.named_parameters())
+    sel = config.selection
+    with timer.phase("score"):
+        selection, scores = score_and_select(session, sel, session.windows.input_ids,
+                                             batch_size=config.data.batch_size, seed=config.data.seed, summarize=True)
+    with timer.phase("statistics"):
+        stats, stat_rows = score_statistics(selection, sel.topk)
+        loc_rows, loc_summary = location_table(selection)
+    scores_blob = _scores_bytes(scores) if config.save_scores else None
+    plot_inputs = (selection, scores.metric) if config.save_plots else None
+    del scores
+    stab = None
+    if config.stability_check:
+        with timer.phase("stability"):
+            stab, seed_selections = stability(session, config)
+
+    begin_run(out_dir, config.overwrite)
+    atomic_write_json(out_dir / "config.json", to_dict(config))
+    write_weights(out_dir / "top_weights.csv", selection.top, selection.tensors, params)
+    write_weights(out_dir / "bottom_weights.csv", selection.bottom, selection.tensors, params)
+    atomic_write_csv(out_dir / "tensor_stats.csv", ("tensor", "layer", "component", *STATS_COLUMNS), stat_rows)
+    atomic_write_json(out_dir / "score_stats.json", stats)
+    atomic_write_csv(out_dir / "locations.csv", ("layer", "component", "topk_count", "topk_share", "score_mass_share"),
+                     loc_rows)
+    if scores_blob is not None:
+        atomic_write_bytes(out_dir / "scores.safetensors", scores_blob)
+    if stab is not None:
+        atomic_write_json(out_dir / "stability.json", stab)
+        for s, chosen in seed_selections.items():
+            write_weights(out_dir / "stability" / f"top_weights_seed{s}.csv", chosen.top, selection.tensors, params)
+            write_weights(out_dir / "stability" / f"bottom_weights_seed{s}.csv", chosen.bottom, selection.tensors,
+                          params)
+    model_stats = stats["model"]
+    metrics = {
+        "metric": sel.metric,
+        "mode": sel.mode,
+        "topk": sel.topk,
+        "selected": len(selection.top),
+        "scored_tensors": len(selection.tensors),
+        "scored_weights": int(sum(t.numel for t in selection.tensors)),
+        "zero_scores": int(model_stats["zeros"]),
+        "top1": _first(selection.top, selection.tensors),
+        "topk_mass_share": model_stats["topk_mass_share"],
+        "max_over_mean": model_stats["max_over_mean"],
+        "excess_kurtosis": model_stats["excess_kurtosis"],
+        "gini": model_stats["gini"],
+        "hill_alpha": model_stats.get("hill_alpha"),
+        "best_tail_fit": model_stats.get("best_fit"),
+        "heavier_than_exponential": model_stats.get("heavier_than_exponential"),
+        **loc_summary,
+        "stability_mean_jaccard": stab["mean_jaccard"] if stab else None,
+    }
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    if plot_inputs is not None:
+        with timer.phase("plots"):
+            from esa.plots import profile_plots
+
+            profile_plots(out_dir / "plots", selection, loc_rows, metric=sel.metric)
+    extra = {**session.describe(), "scoring": {"metric": sel.metric, "tensors": [t.name for t in selection.tensors]}}
+    atomic_write_json(out_dir / MANIFEST, build_manifest(command, timer=timer, extra=extra))
+    return {"out_dir": out_dir, "metrics": metrics, "stability": stab, "session": session, "selection": selection}
+
+
+def _first(ws: WeightSet, tensors: list[TensorInfo]) -> dict | None:
+    if not len(ws):
+        return None
+    info = {t.name: t for t in tensors}[ws.tensor[0]]
+    c = info.coordinates(torch.tensor([int(ws.flat_index[0])]))
+    return {"tensor": ws.tensor[0], "layer": info.layer, "component": info.component,
+            "row": int(c["row"][0]), "col": None if c["col"] is None else int(c["col"][0]),
+            "flat_index": int(ws.flat_index[0]), "score": float(ws.score[0])}
+
+
+def _scores_bytes(scores: ScoreSet) -> bytes:
+    from safetensors.torch import save
+
+    return save({name: s.detach().contiguous().cpu() for name, s in scores.scores.items()},
+                metadata={"metric": scores.metric, "n_batches": str(scores.n_batches)})

@@ -1,0 +1,293 @@
+"""Sensitivity scores: one float32 score per weight element, accumulated tensor by tensor.
+
+Batches b = 1..B of windows; L_b is the mean next-token NLL over batch b (the Hugging Face loss for
+``labels=input_ids``); g_b = ∇_w L_b. With ``⊙`` the element-wise product:
+
+- ``magnitude``        S = |w|
+- ``grad_x_weight``    S = (1/B) Σ_b |g_b ⊙ w|        first-order Taylor estimate of the loss change when w is
+                                                       removed, taken per batch so that gradient noise does not
+                                                       cancel between batches (the absolute, not squared, form)
+- ``grad_squared``     S = (1/B) Σ_b g_b ⊙ g_b         the empirical Fisher diagonal at batch granularity
+- ``hessian_diag``     S = |(1/B) Σ_b diag(H_b)|       exact, one Hessian-vector product per scored coordinate
+- ``hutchinson_diag``  S = |(1/(B·m)) Σ_b Σ_i z_i ⊙ (H_b z_i)|, z_i Rademacher over the scored tensors, m probes
+- ``act_mag``          S_ij = |w_ij| · ‖x_j‖₂          Wanda: x_j is input feature j of the Linear layer and the norm
+                                                       runs over every evaluated token; for an embedding (a Linear
+                                                       on one-hot inputs) ‖x_i‖₂ = sqrt(count of token i)
+
+H_b is the Hessian of L_b with respect to the scored tensors (its diagonal is that of the full Hessian).
+
+Memory: gradients are never alive for the whole model at once. Each scored parameter gets a
+``register_post_accumulate_grad_hook`` that folds its fresh gradient into its float32 score buffer and frees
+it (``p.grad = None``); parameters that are not scored do not require grad at all. Peak memory is the model, one
+float32 buffer per scored tensor, the activations of one batch, and the gradient of the tensor being folded.
+The second-order metrics differentiate through the gradient (double backward), which holds the gradient of
+every scored tensor with its graph: about two more copies of the scored weights, plus activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from esa.errors import EsaError
+from esa.kernels import accumulate_
+from esa.modeling import set_attention
+from esa.progress import progress_bar
+from esa.tensors import TensorInfo
+
+METRICS = ("grad_x_weight", "grad_squared", "hessian_diag", "hutchinson_diag", "magnitude", "act_mag")
+FIRST_ORDER = ("grad_x_weight", "grad_squared")
+SECOND_ORDER = ("hessian_diag", "hutchinson_diag")
+DEFAULT_HESSIAN_BUDGET = 4096
+
+
+@dataclass
+class ScoreSet:
+    """Scores of every scored tensor (float32, the tensor's shape, on its device), in model order."""
+
+    metric: str
+    tensors: list[TensorInfo]
+    scores: dict[str, torch.Tensor]
+    n_batches: int
+    meta: dict = field(default_factory=dict)
+
+    def total_elements(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+
+def needs_data(metric: str) -> bool:
+    return metric != "magnitude"
+
+
+def needs_double_backward(metric: str) -> bool:
+    return metric in SECOND_ORDER
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise EsaError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
+
+
+@contextlib.contextmanager
+def _grad_enabled_for(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """requires_grad on exactly these parameters for the duration; restored, and grads dropped, on exit."""
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, before):
+            p.grad = None
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def fold_gradients(params: dict[str, torch.nn.Parameter], fold: Callable[[str, torch.Tensor, torch.Tensor], None]):
+    """Call ``fold(name, grad, param)`` as each parameter's gradient is accumulated, then free that gradient.
+
+    Hooks are removed on exit, also when the block raises (TransformerLens-style hook hygiene).
+    """
+    handles = []
+
+    def make_hook(name: str):
+        def hook(p: torch.Tensor) -> None:
+            fold(name, p.grad, p)
+            p.grad = None
+
+        return hook
+
+    try:
+        for name, p in params.items():
+            handles.append(p.register_post_accumulate_grad_hook(make_hook(name)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def batch_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over the batch (the same definition as :mod:`esa.evaluate`)."""
+    return model(input_ids=batch, labels=batch, use_cache=False).loss
+
+
+def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [input_ids[i : i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
+
+
+def _seed_for(*parts: object) -> int:
+    return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def rademacher_like(p: torch.Tensor, seed: int, name: str, batch: int, probe: int) -> torch.Tensor:
+    """±1 in ``p``'s dtype, reproducible for (seed, tensor name, batch, probe) on a given device."""
+    g = torch.Generator(device=p.device).manual_seed(_seed_for(seed, name, batch, probe))
+    z = torch.randint(0, 2, p.shape, generator=g, device=p.device, dtype=torch.int8)
+    return (z * 2 - 1).to(p.dtype)
+
+
+def compute_scores(
+    model: torch.nn.Module,
+    tensors: list[tuple[TensorInfo, torch.nn.Parameter]],
+    input_ids: torch.Tensor | None,
+    metric: str,
+    *,
+    batch_size: int = 8,
+    hutchinson_probes: int = 8,
+    hessian_budget: int = DEFAULT_HESSIAN_BUDGET,
+    seed: int = 0,
+) -> ScoreSet:
+    """Score every element of ``tensors`` with ``metric`` on the windows ``input_ids`` [n, L] (see module doc)."""
+    check_metric(metric)
+    if not tensors:
+        raise EsaError("no tensor is selected for scoring; check --include/--exclude")
+    if needs_data(metric) and (input_ids is None or input_ids.shape[0] == 0):
+        raise EsaError(f"--metric {metric} needs evaluation windows")
+    if metric == "hessian_diag":
+        total = sum(info.numel for info, _ in tensors)
+        if total > hessian_budget:
+            raise EsaError(
+                f"hessian_diag needs one Hessian-vector product per scored weight: {total:,} weights exceed "
+                f"--hessian-budget {hessian_budget:,}; narrow the tensors with --include (e.g. "
+                f"--include '*layers.1.mlp.down_proj*') or use --metric hutchinson_diag")
+    infos = [info for info, _ in tensors]
+    params = {info.name: p for info, p in tensors}
+    scores = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
+    batches = _batches(input_ids, batch_size) if input_ids is not None else []
+    device = next(model.parameters()).device
+    meta: dict = {}
+
+    if metric == "magnitude":
+        for name, p in params.items():
+            accumulate_("abs", scores[name], p.detach())
+        return ScoreSet(metric, infos, scores, 0, meta)
+    if metric == "act_mag":
+        meta = _act_mag(model, tensors, scores, batches, device)
+        return ScoreSet(metric, [i for i in infos if i.name in scores], scores, len(batches), meta)
+
+    was_training = model.training
+    model.eval()
+    if needs_double_backward(metric):
+        meta["attn_implementation_was"] = getattr(model.config, "_attn_implementation", None)
+        set_attention(model, "eager")  # fused SDPA/flash kernels have no double backward
+    try:
+        with _grad_enabled_for(list(params.values())):
+            if metric in FIRST_ORDER:
+                _first_order(model, params, scores, batches, device, metric)
+            elif metric == "hutchinson_diag":
+                _hutchinson(model, params, scores, batches, device, hutchinson_probes, seed)
+                meta["probes"] = hutchinson_probes
+            else:
+                _hessian_diag(model, params, scores, batches, device)
+    finally:
+        model.train(was_training)
+        if needs_double_backward(metric) and meta.get("attn_implementation_was"):
+            set_attention(model, meta["attn_implementation_was"])
+    n = len(batches) * (hutchinson_probes if metric == "hutchinson_diag" else 1)
+    for name, s in scores.items():
+        s.div_(n)
+        if metric in SECOND_ORDER:
+            s.abs_()
+    return ScoreSet(metric, infos, scores, len(batches), meta)
+
+
+def _first_order(model, params, scores, batches, device, metric) -> None:
+    op = "abs_product" if metric == "grad_x_weight" else "square"
+
+    def fold(name: str, grad: torch.Tensor, p: torch.Tensor) -> None:
+        accumulate_(op, scores[name], grad, p.detach() if op == "abs_product" else None)
+
+    with fold_gradients(params, fold), progress_bar(f"scoring ({metric})", total=len(batches)) as bar:
+        for batch in batches:
+            batch_loss(model, batch.to(device)).backward()
+            bar.advance()
+
+
+def _hutchinson(model, params, scores, batches, device, probes: int, seed: int) -> None:
+    if probes < 1:
+        raise EsaError(f"--hutchinson-probes must be at least 1 (got {probes})")
+    names, plist = list(params), list(params.values())
+    current: dict[str, torch.Tensor] = {}
+
+    def fold(name: str, hz: torch.Tensor, p: torch.Tensor) -> None:
+        accumulate_("product", scores[name], current[name], hz)
+
+    with fold_gradients(params, fold), progress_bar("scoring (hutchinson_diag)", total=len(batches) * probes) as bar:
+        for b, batch in enumerate(batches):
+            grads = torch.autograd.grad(batch_loss(model, batch.to(device)), plist, create_graph=True)
+            for i in range(probes):
+                current.clear()
+                current.update({n: rademacher_like(p, seed, n, b, i) for n, p in params.items()})
+                # d/dw (g · z) = H z, delivered tensor by tensor to the post-accumulate hooks.
+                torch.autograd.backward(grads, grad_tensors=[current[n] for n in names], retain_graph=i < probes - 1)
+                bar.advance()
+            del grads
+    current.clear()
+
+
+def _hessian_diag(model, params, scores, batches, device) -> None:
+    total = sum(p.numel() for p in params.values())
+    with progress_bar("scoring (hessian_diag)", total=len(batches) * total) as bar:
+        for batch in batches:
+            plist = list(params.values())
+            grads = torch.autograd.grad(batch_loss(model, batch.to(device)), plist, create_graph=True)
+            for (name, p), g in zip(params.items(), grads):
+                flat_g = g.reshape(-1)
+                diag = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
+                for j in range(p.numel()):
+                    (row,) = torch.autograd.grad(flat_g[j], p, retain_graph=True, allow_unused=True)
+                    diag[j] = 0.0 if row is None else row.reshape(-1)[j].float()
+                    bar.advance()
+                scores[name] += diag.view(p.shape)
+            del grads
+
+
+def _act_mag(model, tensors, scores, batches, device) -> dict:
+    """Wanda's |w_ij|·‖x_j‖₂ for Linear and Embedding weights; other tensors are skipped (and listed)."""
+    sumsq: dict[str, torch.Tensor] = {}
+    handles, skipped = [], []
+    for info, p in tensors:
+        module = model.get_submodule(info.name.rpartition(".")[0]) if "." in info.name else None
+        if isinstance(module, torch.nn.Linear) and module.weight is p:
+            acc = sumsq[info.name] = torch.zeros(p.shape[1], dtype=torch.float32, device=p.device)
+
+            def hook(mod, inputs, output, acc=acc):
+                x = inputs[0].detach().float()
+                acc += x.pow(2).reshape(-1, x.shape[-1]).sum(dim=0)
+
+            handles.append(module.register_forward_hook(hook))
+        elif isinstance(module, torch.nn.Embedding) and module.weight is p:
+            acc = sumsq[info.name] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+
+            def hook(mod, inputs, output, acc=acc):
+                ids = inputs[0].reshape(-1)
+                acc += torch.bincount(ids, minlength=acc.numel()).to(acc.dtype)
+
+            handles.append(module.register_forward_hook(hook))
+        else:
+            skipped.append(info.name)
+    try:
+        with torch.no_grad(), progress_bar("scoring (act_mag)", total=len(batches)) as bar:
+            for batch in batches:
+                model(input_ids=batch.to(device), use_cache=False)
+                bar.advance()
+    finally:
+        for h in handles:
+            h.remove()
+    for info, p in tensors:
+        if info.name in skipped:
+            scores.pop(info.name)
+            continue
+        norm = sumsq[info.name].sqrt()
+        module = model.get_submodule(info.name.rpartition(".")[0])
+        if isinstance(module, torch.nn.Embedding):
+            accumulate_("abs_scaled", scores[info.name], p.detach(), row_scale=norm)
+        else:
+            accumulate_("abs_scaled", scores[info.name], p.detach(), col_scale=norm)
+    if not scores:
+        raise EsaError("act_mag scores Linear and Embedding weights only, and none is selected")
+    return {"skipped": skipped} if skipped else {}

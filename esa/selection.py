@@ -1,0 +1,170 @@
+"""From scores to sets of weights: top-k, bottom-k and random-k, per tensor or over the whole model.
+
+Order and ties: elements are ranked by score (descending for top-k, ascending for bottom-k); equal scores are
+broken by the tensor's position in the model (earlier first), then by flat index (lower first). Global top-k is
+exact without concatenating all scores: the k best of the union are among the k best of each tensor under the same
+total order, so merging per-tensor candidates suffices (:func:`esa.kernels.merge_topk`). Per-tensor selection
+streams each score buffer through :func:`esa.kernels.topk`, which never sorts more than 2^31 elements at once.
+
+``random_k`` draws uniformly without replacement, never picking an element of the top-k set; by default it is
+stratified to the top-k set's per-tensor counts, so the control differs in *which* weights, not *where*.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from esa.errors import EsaError
+from esa.kernels import merge_topk, topk
+from esa.scoring import ScoreSet
+from esa.tensors import TensorInfo
+
+MODES = ("per_layer", "global")
+
+
+@dataclass
+class WeightSet:
+    """Selected elements, one entry per weight, in rank order (per tensor for per_layer, global for global)."""
+
+    tensor: list[str]
+    flat_index: np.ndarray  # int64
+    score: np.ndarray  # float64; NaN where the set was not chosen by score
+    rank: np.ndarray  # int64, 0-based, within the tensor (per_layer) or the model (global)
+    kind: str = "top_k"  # top_k, bottom_k, random_k, explicit
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.tensor)
+
+    def by_tensor(self) -> dict[str, torch.Tensor]:
+        """Flat indices per tensor (int64, CPU), in first-appearance order."""
+        groups: dict[str, list[int]] = {}
+        for name, idx in zip(self.tensor, self.flat_index.tolist()):
+            groups.setdefault(name, []).append(idx)
+        return {name: torch.tensor(v, dtype=torch.int64) for name, v in groups.items()}
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name in self.tensor:
+            out[name] = out.get(name, 0) + 1
+        return out
+
+    def keys(self) -> set[tuple[str, int]]:
+        return set(zip(self.tensor, self.flat_index.tolist()))
+
+
+def _check_scores(scores: ScoreSet) -> None:
+    for name, s in scores.scores.items():
+        if not bool(torch.isfinite(s).all()):
+            raise EsaError(f"scores of {name} contain NaN or inf: the loss or the weights are broken "
+                           "(check the baseline, or try --dtype float32)")
+
+
+def _empty(kind: str) -> WeightSet:
+    return WeightSet([], np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), kind)
+
+
+def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True) -> WeightSet:
+    """Top-k (``largest``) or bottom-k of ``scores`` in ``per_layer`` or ``global`` mode; exact, ties as above."""
+    if mode not in MODES:
+        raise EsaError(f"unknown --mode {mode!r}; use per_layer or global")
+    if k < 1:
+        raise EsaError(f"--topk must be at least 1 (got {k})")
+    _check_scores(scores)
+    kind = "top_k" if largest else "bottom_k"
+    infos = [t for t in scores.tensors if t.name in scores.scores]
+    candidates = []
+    for info in infos:
+        values, idx = topk(scores.scores[info.name], min(k, info.numel), largest=largest)
+        candidates.append((values, idx))
+    if mode == "per_layer":
+        names, flat, vals, ranks = [], [], [], []
+        for info, (values, idx) in zip(infos, candidates):
+            names += [info.name] * idx.numel()
+            flat.append(idx.cpu().numpy())
+            vals.append(values.double().cpu().numpy())
+            ranks.append(np.arange(idx.numel()))
+        if not names:
+            return _empty(kind)
+        return WeightSet(names, np.concatenate(flat), np.concatenate(vals), np.concatenate(ranks), kind,
+                         {"mode": mode, "k": k})
+    total = sum(t.numel for t in infos)
+    pos, values, idx = merge_topk([(v.cpu(), i.cpu()) for v, i in candidates], min(k, total), largest=largest)
+    names = [infos[p].name for p in pos.tolist()]
+    return WeightSet(names, idx.numpy(), values.double().numpy(), np.arange(len(names)), kind,
+                     {"mode": mode, "k": k})
+
+
+def _stream_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFFFFFF
+
+
+def _sample_distinct(n: int, count: int, excluded: set[int], gen: torch.Generator) -> list[int]:
+    """``count`` distinct integers of [0, n) not in ``excluded``, uniformly, in draw order; never allocates n."""
+    available = n - len(excluded)
+    if count > available:
+        raise EsaError(f"cannot draw {count} random weights from {available} eligible ones")
+    if n <= 1 << 20 or count > available // 4:
+        perm = torch.randperm(n, generator=gen).tolist()
+        return [i for i in perm if i not in excluded][:count]
+    chosen: list[int] = []
+    seen = set(excluded)
+    while len(chosen) < count:
+        for d in torch.randint(0, n, (2 * (count - len(chosen)) + 16,), generator=gen).tolist():
+            if d not in seen:
+                seen.add(d)
+                chosen.append(d)
+                if len(chosen) == count:
+                    break
+    return chosen
+
+
+def select_random(tensors: list[TensorInfo], reference: WeightSet, seed: int, *, stratified: bool = True) -> WeightSet:
+    """random_k: as many elements as ``reference`` (the top-k set), none of them in it, reproducible per seed.
+
+    Stratified: the same count in each tensor as ``reference``. Otherwise uniform over all elements of
+    ``tensors`` (each element equally likely, so large tensors get more).
+    """
+    taken: dict[str, set[int]] = {}
+    for name, idx in zip(reference.tensor, reference.flat_index.tolist()):
+        taken.setdefault(name, set()).add(idx)
+    names: list[str] = []
+    flat: list[int] = []
+    if stratified:
+        by_name = {t.name: t for t in tensors}
+        for name, count in reference.counts().items():
+            gen = torch.Generator().manual_seed(_stream_seed(seed, name))
+            picks = _sample_distinct(by_name[name].numel, count, taken.get(name, set()), gen)
+            names += [name] * len(picks)
+            flat += picks
+    else:
+        offsets = np.cumsum([0] + [t.numel for t in tensors])
+        excluded = set()
+        position = {t.name: i for i, t in enumerate(tensors)}
+        for name, idx in zip(reference.tensor, reference.flat_index.tolist()):
+            excluded.add(int(offsets[position[name]]) + idx)
+        gen = torch.Generator().manual_seed(_stream_seed(seed, "<all>"))
+        for g in _sample_distinct(int(offsets[-1]), len(reference), excluded, gen):
+            t = int(np.searchsorted(offsets, g, side="right") - 1)
+            names.append(tensors[t].name)
+            flat.append(g - int(offsets[t]))
+    n = len(names)
+    return WeightSet(names, np.array(flat, dtype=np.int64), np.full(n, np.nan), np.arange(n), "random_k",
+                     {"seed": seed, "stratified": stratified})
+
+
+def jaccard(a: WeightSet, b: WeightSet) -> float:
+    """|A ∩ B| / |A ∪ B| of two sets of (tensor, flat index); 1.0 for two empty sets."""
+    ka, kb = a.keys(), b.keys()
+    union = ka | kb
+    return len(ka & kb) / len(union) if union else 1.0
+
+
+def overlap_at_k(a: WeightSet, b: WeightSet) -> float:
+    """|A ∩ B| / min(|A|, |B|): the share of the smaller top-k set that the other one also selects."""
+    ka, kb = a.keys(), b.keys()
+    return len(ka & kb) / min(len(ka), len(kb)) if ka and kb else 0.0

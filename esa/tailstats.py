@@ -1,0 +1,207 @@
+"""Heavy-tail statistics of a score distribution, computed without sorting the whole tensor.
+
+Per tensor (and for the model as a whole) from three exact or seeded ingredients:
+- exact moments in float64, streamed in chunks: mean, standard deviation, excess kurtosis
+  (m4/m2² − 3 with central moments from a second pass), max, number of exact zeros;
+- the exact top ``tail`` scores (:func:`esa.kernels.topk`): the share of the total score mass held by the
+  top-k, and the tail fits;
+- a seeded uniform sample (all elements when the tensor has at most ``SAMPLE`` of them) for quantiles and the Gini
+  coefficient G = Σ_i (2i − n − 1)·x_(i) / (n·Σ x) (x sorted ascending).
+
+Tail index and fits (Clauset, Shalizi & Newman 2009), on the m = ``tail`` largest scores above x_min = the
+(m+1)-th largest:
+- Hill estimator α̂ = m / Σ ln(x_i / x_min)  (the CCDF decays as x^-α̂);
+- maximum-likelihood fits of a power law p(x) ∝ x^-(1+α̂), an exponential λe^{−λ(x−x_min)} and a lognormal
+  truncated at x_min; log-likelihood ratios R (positive favours the first) with Vuong's normalised two-sided
+  p-value, for power law vs exponential and power law vs lognormal, and lognormal vs exponential.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import optimize, special, stats
+
+from esa.kernels import topk
+
+SAMPLE = 1 << 16
+CHUNK = 1 << 24
+MIN_TAIL = 20
+
+
+@dataclass
+class TensorSummary:
+    """Streaming ingredients of one score tensor (exact moments, exact top values, a sample)."""
+
+    numel: int
+    total: float
+    mean: float
+    std: float
+    excess_kurtosis: float
+    max: float
+    zeros: int
+    m3: float  # third central moment (kept so that pooled moments stay exact)
+    top: np.ndarray  # exact largest scores, descending
+    sample: np.ndarray  # seeded uniform sample (or every element)
+
+
+def summarize(score: torch.Tensor, tail: int, *, seed: int = 0) -> TensorSummary:
+    flat = score.detach().reshape(-1)
+    n = flat.numel()
+    total = 0.0
+    zeros = 0
+    mx = -math.inf
+    for s in range(0, n, CHUNK):
+        c = flat[s : s + CHUNK].double()
+        total += float(c.sum())
+        zeros += int((c == 0).sum())
+        mx = max(mx, float(c.max()))
+    mean = total / n
+    m2 = m3 = m4 = 0.0
+    for s in range(0, n, CHUNK):
+        d = flat[s : s + CHUNK].double() - mean
+        d2 = d * d
+        m2 += float(d2.sum())
+        m3 += float((d2 * d).sum())
+        m4 += float((d2 * d2).sum())
+    m2, m3, m4 = m2 / n, m3 / n, m4 / n
+    kurt = m4 / (m2 * m2) - 3.0 if m2 > 0 else float("nan")
+    top_values, _ = topk(score, min(tail, n), largest=True)
+    if n <= SAMPLE:
+        sample = flat.double().cpu().numpy()
+    else:
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randint(0, n, (SAMPLE,), generator=g).to(flat.device)
+        sample = flat[idx].double().cpu().numpy()
+    return TensorSummary(n, total, mean, math.sqrt(m2), kurt, mx, zeros, m3, top_values.double().cpu().numpy(),
+                         sample)
+
+
+def gini(values: np.ndarray) -> float:
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    n = x.size
+    s = x.sum()
+    if n == 0 or s <= 0:
+        return float("nan")
+    i = np.arange(1, n + 1)
+    return float(((2 * i - n - 1) * x).sum() / (n * s))
+
+
+def _vuong(ll_a: np.ndarray, ll_b: np.ndarray) -> tuple[float, float]:
+    """Log-likelihood ratio R = Σ(ℓa − ℓb) and Vuong's two-sided p-value."""
+    d = ll_a - ll_b
+    r = float(d.sum())
+    sd = float(d.std())
+    if sd == 0 or not np.isfinite(sd):
+        return r, float("nan")
+    return r, float(special.erfc(abs(r) / (sd * math.sqrt(2 * d.size))))
+
+
+def tail_fits(top: np.ndarray, m: int | None = None) -> dict:
+    """Hill index and power-law / exponential / lognormal fits of the ``m`` largest values (see module doc)."""
+    top = np.sort(np.asarray(top, dtype=np.float64))[::-1]
+    top = top[top > 0]
+    m = min(m or top.size - 1, top.size - 1)
+    if m < MIN_TAIL:
+        return {"tail_m": int(max(m, 0)), "note": f"fewer than {MIN_TAIL} positive tail values"}
+    x, xmin = top[:m], top[m]
+    logs = np.log(x / xmin)
+    if logs.sum() <= 0:
+        return {"tail_m": m, "note": "tail values all equal"}
+    alpha = m / logs.sum()  # Hill; power-law density exponent is 1 + alpha
+    ll_pl = np.log(alpha / xmin) - (1 + alpha) * logs
+    lam = 1.0 / np.mean(x - xmin) if np.mean(x - xmin) > 0 else float("inf")
+    ll_exp = np.log(lam) - lam * (x - xmin)
+    lx = np.log(x)
+
+    def nll_lognormal(params):
+        mu, log_sigma = params
+        sigma = math.exp(log_sigma)
+        tail_mass = stats.norm.sf((math.log(xmin) - mu) / sigma)
+        if tail_mass <= 0:
+            return 1e300
+        return -(stats.norm.logpdf(lx, mu, sigma) - lx - math.log(tail_mass)).sum()
+
+    start = [float(lx.mean()), math.log(max(float(lx.std()), 1e-3))]
+    fit = optimize.minimize(nll_lognormal, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-8})
+    mu, sigma = float(fit.x[0]), math.exp(float(fit.x[1]))
+    ll_ln = stats.norm.logpdf(lx, mu, sigma) - lx - math.log(max(stats.norm.sf((math.log(xmin) - mu) / sigma), 1e-300))
+    r_pl_exp, p_pl_exp = _vuong(ll_pl, ll_exp)
+    r_pl_ln, p_pl_ln = _vuong(ll_pl, ll_ln)
+    r_ln_exp, p_ln_exp = _vuong(ll_ln, ll_exp)
+    lls = {"power_law": float(ll_pl.sum()), "exponential": float(ll_exp.sum()), "lognormal": float(ll_ln.sum())}
+    return {
+        "tail_m": m,
+        "x_min": float(xmin),
+        "hill_alpha": float(alpha),
+        "exponential_lambda": float(lam),
+        "lognormal_mu": mu,
+        "lognormal_sigma": sigma,
+        "loglik": lls,
+        "R_powerlaw_vs_exponential": r_pl_exp,
+        "p_powerlaw_vs_exponential": p_pl_exp,
+        "R_powerlaw_vs_lognormal": r_pl_ln,
+        "p_powerlaw_vs_lognormal": p_pl_ln,
+        "R_lognormal_vs_exponential": r_ln_exp,
+        "p_lognormal_vs_exponential": p_ln_exp,
+        "best_fit": max(lls, key=lls.get),
+        "heavier_than_exponential": bool(max(r_pl_exp, r_ln_exp) > 0
+                                         and min(p for r, p in ((r_pl_exp, p_pl_exp), (r_ln_exp, p_ln_exp))
+                                                 if r > 0) < 0.05),
+    }
+
+
+def describe(summary: TensorSummary, k: int) -> dict:
+    """Statistics of one score distribution; ``k`` is the top-k size whose mass share is reported."""
+    q = np.quantile(summary.sample, [0.5, 0.9, 0.99, 0.999]) if summary.sample.size else [float("nan")] * 4
+    topk_mass = float(summary.top[: min(k, summary.top.size)].sum())
+    m = int(min(max(MIN_TAIL, math.ceil(0.01 * summary.numel)), summary.top.size - 1))
+    return {
+        "numel": summary.numel,
+        "zeros": summary.zeros,
+        "mean": summary.mean,
+        "std": summary.std,
+        "max": summary.max,
+        "max_over_mean": summary.max / summary.mean if summary.mean > 0 else float("nan"),
+        "q50": float(q[0]),
+        "q90": float(q[1]),
+        "q99": float(q[2]),
+        "q999": float(q[3]),
+        "gini": gini(summary.sample),
+        "excess_kurtosis": summary.excess_kurtosis,
+        "topk": int(min(k, summary.numel)),
+        "topk_mass_share": topk_mass / summary.total if summary.total > 0 else float("nan"),
+        "topk_element_share": min(k, summary.numel) / summary.numel,
+        **tail_fits(summary.top, m),
+    }
+
+
+def combine(summaries: list[TensorSummary], *, tail: int, seed: int = 0) -> TensorSummary:
+    """The model-wide distribution from per-tensor summaries: exact moments and top values, pooled sample."""
+    n = sum(s.numel for s in summaries)
+    total = sum(s.total for s in summaries)
+    mean = total / n
+    # Exact pooled central moments from each part's mean, variance and fourth central moment.
+    # Exact pooled central moments: for a part with mean offset d = mean_part − mean and central moments
+    # c2, c3, c4:  E[(x−μ)²] = c2 + d²,  E[(x−μ)³] = c3 + 3d·c2 + d³,  E[(x−μ)⁴] = c4 + 4d·c3 + 6d²·c2 + d⁴.
+    m2 = m3 = m4 = 0.0
+    for s in summaries:
+        d = s.mean - mean
+        c2 = s.std ** 2
+        c4 = (s.excess_kurtosis + 3.0) * c2 * c2 if c2 > 0 else 0.0
+        m2 += s.numel * (c2 + d * d)
+        m3 += s.numel * (s.m3 + 3 * d * c2 + d ** 3)
+        m4 += s.numel * (c4 + 4 * d * s.m3 + 6 * d * d * c2 + d ** 4)
+    m2, m3, m4 = m2 / n, m3 / n, m4 / n
+    top = np.sort(np.concatenate([s.top for s in summaries]))[::-1][:tail]
+    rng = np.random.default_rng(seed)
+    parts = []
+    for s in summaries:
+        take = max(1, int(round(SAMPLE * s.numel / n)))
+        parts.append(rng.choice(s.sample, size=min(take, s.sample.size), replace=s.sample.size < take))
+    return TensorSummary(n, total, mean, math.sqrt(m2), m4 / (m2 * m2) - 3 if m2 > 0 else float("nan"),
+                         max(s.max for s in summaries), sum(s.zeros for s in summaries), m3, top,
+                         np.concatenate(parts))

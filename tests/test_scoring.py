@@ -1,0 +1,215 @@
+"""Every metric against an independent brute-force reference on a tiny float64 model."""
+
+import numpy as np
+import pytest
+import torch
+
+from esa.errors import EsaError
+from esa.modeling import set_attention
+from esa.scoring import compute_scores
+from esa.tensors import select_tensors
+from helpers import random_model
+
+BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = random_model("llama", dtype=torch.float64, vocab_size=64, layers=2).requires_grad_(False)
+    set_attention(model, "eager")
+    windows = torch.randint(0, 64, (6, 12), generator=torch.Generator().manual_seed(0))
+    return model, windows
+
+
+def batches(windows):
+    return [windows[i : i + BATCH] for i in range(0, windows.shape[0], BATCH)]
+
+
+def loss_of(model, batch):
+    return model(input_ids=batch, labels=batch).loss
+
+
+def per_batch_grads(model, windows, names):
+    """Reference: torch.autograd.grad of each batch's mean loss, all tensors at once."""
+    params = dict(model.named_parameters())
+    out = []
+    for batch in batches(windows):
+        for n in names:
+            params[n].requires_grad_(True)
+        gs = torch.autograd.grad(loss_of(model, batch), [params[n] for n in names])
+        for n in names:
+            params[n].requires_grad_(False)
+        out.append(dict(zip(names, gs)))
+    return out
+
+
+def assert_scores_close(actual: torch.Tensor, expected: torch.Tensor, rtol=2e-6):
+    """Scores are accumulated in float32 by design: compare to the float64 reference at float32 precision."""
+    assert actual.dtype == torch.float32
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * scale)
+
+
+def test_first_order_metrics_match_per_batch_autograd(setup):
+    model, windows = setup
+    tensors = select_tensors(model)
+    names = [t.name for t, _ in tensors]
+    grads = per_batch_grads(model, windows, names)
+    params = dict(model.named_parameters())
+    gxw = compute_scores(model, tensors, windows, "grad_x_weight", batch_size=BATCH)
+    gsq = compute_scores(model, tensors, windows, "grad_squared", batch_size=BATCH)
+    assert gxw.n_batches == gsq.n_batches == 3
+    for n in names:
+        ref_gxw = sum((g[n] * params[n]).abs() for g in grads) / len(grads)
+        ref_gsq = sum(g[n] ** 2 for g in grads) / len(grads)
+        assert_scores_close(gxw.scores[n], ref_gxw)
+        assert_scores_close(gsq.scores[n], ref_gsq)
+    # Scoring leaves no gradients and no requires_grad behind.
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+
+def test_gradients_never_coexist(setup):
+    """The fold hook sees one gradient at a time: at most one scored tensor holds .grad when a hook runs."""
+    model, windows = setup
+    tensors = select_tensors(model)
+    params = [p for _, p in tensors]
+    alive = []
+    import esa.scoring as scoring
+
+    original = scoring.accumulate_
+
+    def spy(op, score, a, b=None, **kw):
+        alive.append(sum(p.grad is not None for p in params))
+        return original(op, score, a, b, **kw)
+
+    scoring.accumulate_ = spy
+    try:
+        compute_scores(model, tensors, windows, "grad_squared", batch_size=BATCH)
+    finally:
+        scoring.accumulate_ = original
+    assert alive and max(alive) == 1
+
+
+def exact_hessian_diagonal(model, windows, name):
+    """Reference: torch.func.hessian of each batch's loss w.r.t. one tensor; mean of the diagonals."""
+    from torch.func import functional_call, hessian
+
+    w0 = dict(model.named_parameters())[name].detach().clone()
+
+    def diag_for(batch):
+        def f(w):
+            return functional_call(model, {name: w}, kwargs={"input_ids": batch, "labels": batch}).loss
+
+        h = hessian(f)(w0)
+        n = w0.numel()
+        return h.reshape(n, n).diagonal().reshape(w0.shape)
+
+    return sum(diag_for(b) for b in batches(windows)) / len(batches(windows))
+
+
+def test_hessian_diag_matches_torch_func_hessian(setup):
+    model, windows = setup
+    name = "model.layers.1.self_attn.k_proj.weight"
+    tensors = select_tensors(model, include=[name])
+    scores = compute_scores(model, tensors, windows, "hessian_diag", batch_size=BATCH, hessian_budget=10_000)
+    assert_scores_close(scores.scores[name], exact_hessian_diagonal(model, windows, name).abs(), rtol=1e-5)
+
+
+def test_hessian_diag_refuses_beyond_budget(setup):
+    model, windows = setup
+    with pytest.raises(EsaError, match="exceed --hessian-budget"):
+        compute_scores(model, select_tensors(model), windows, "hessian_diag", hessian_budget=100)
+
+
+def test_hutchinson_converges_to_exact_diagonal_as_one_over_sqrt_m(setup):
+    model, windows = setup
+    name = "model.layers.1.self_attn.k_proj.weight"
+    tensors = select_tensors(model, include=[name])
+    exact = exact_hessian_diagonal(model, windows, name)
+    probes = [2, 8, 32, 128]
+    errors = []
+    for m in probes:
+        runs = []
+        for seed in range(3):  # average over seeds to steady the estimate of the error
+            est = compute_scores(model, tensors, windows, "hutchinson_diag", batch_size=BATCH, hutchinson_probes=m,
+                                 seed=seed).scores[name].double()
+            runs.append(((est - exact.abs()).norm() / exact.norm()).item())
+        errors.append(float(np.mean(runs)))
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    slope = np.polyfit(np.log(probes), np.log(errors), 1)[0]
+    assert -0.8 < slope < -0.3, (slope, errors)  # error ∝ m^-1/2
+
+
+def test_hutchinson_is_reproducible_per_seed(setup):
+    model, windows = setup
+    tensors = select_tensors(model, include=["*layers.0.mlp.up_proj*"])
+    a = compute_scores(model, tensors, windows, "hutchinson_diag", batch_size=BATCH, hutchinson_probes=2, seed=5)
+    b = compute_scores(model, tensors, windows, "hutchinson_diag", batch_size=BATCH, hutchinson_probes=2, seed=5)
+    c = compute_scores(model, tensors, windows, "hutchinson_diag", batch_size=BATCH, hutchinson_probes=2, seed=6)
+    name = tensors[0][0].name
+    assert torch.equal(a.scores[name], b.scores[name]) and not torch.equal(a.scores[name], c.scores[name])
+
+
+def test_act_mag_matches_activation_norms_collected_by_hand(setup):
+    model, windows = setup
+    tensors = select_tensors(model)
+    scores = compute_scores(model, tensors, windows, "act_mag", batch_size=BATCH)
+    # By hand: capture every Linear input over the whole evaluation in one big batch, in float64.
+    captured = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            hooks.append(module.register_forward_hook(
+                lambda m, i, o, name=name: captured.setdefault(name, []).append(i[0].detach().reshape(-1, i[0].shape[-1]))))
+    with torch.no_grad():
+        model(input_ids=windows)
+    for h in hooks:
+        h.remove()
+    params = dict(model.named_parameters())
+    for name, xs in captured.items():
+        x = torch.cat(xs)
+        ref = params[name + ".weight"].abs() * x.pow(2).sum(0).sqrt()[None, :]
+        assert_scores_close(scores.scores[name + ".weight"], ref)
+    counts = torch.bincount(windows.reshape(-1), minlength=64).double()
+    ref_embed = params["model.embed_tokens.weight"].abs() * counts.sqrt()[:, None]
+    assert_scores_close(scores.scores["model.embed_tokens.weight"], ref_embed)
+
+
+def test_act_mag_skips_tensors_it_cannot_define(setup):
+    model, windows = setup
+    tensors = select_tensors(model, include=["*norm*", "*q_proj*"], norms=True)
+    scores = compute_scores(model, tensors, windows, "act_mag", batch_size=BATCH)
+    assert all("norm" not in n for n in scores.scores) and len(scores.meta["skipped"]) == 5
+
+
+def test_magnitude_is_abs_weight(setup):
+    model, _ = setup
+    tensors = select_tensors(model)
+    scores = compute_scores(model, tensors, None, "magnitude")
+    for info, p in tensors:
+        assert torch.equal(scores.scores[info.name], p.detach().abs().float())
+
+
+def test_tied_embedding_is_scored_once_with_both_gradients():
+    """A tied embedding/lm_head gets one hook call per backward with the summed gradient."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=True, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg).double().eval()
+    windows = torch.randint(0, 50, (4, 10), generator=torch.Generator().manual_seed(1))
+    tensors = select_tensors(model, include=["*embed_tokens*"])
+    assert tensors[0][0].aliases == ("lm_head.weight",)
+    scores = compute_scores(model, tensors, windows, "grad_squared", batch_size=2)
+    ref = per_batch_grads(model, windows, ["model.embed_tokens.weight"])
+    expected = sum(g["model.embed_tokens.weight"] ** 2 for g in ref) / len(ref)
+    assert_scores_close(scores.scores["model.embed_tokens.weight"], expected)
+
+
+def test_unknown_metric_and_empty_selection(setup):
+    model, windows = setup
+    with pytest.raises(EsaError, match="unknown --metric"):
+        compute_scores(model, select_tensors(model), windows, "fisher_block")
+    with pytest.raises(EsaError, match="no tensor"):
+        compute_scores(model, [], windows, "grad_squared")

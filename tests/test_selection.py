@@ -1,0 +1,121 @@
+"""Top-k / bottom-k / random-k selection against a full sort of all scores, ties included."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from esa.errors import EsaError
+from esa.scoring import ScoreSet
+from esa.selection import jaccard, overlap_at_k, select_extreme, select_random
+from esa.tensors import TensorInfo
+
+
+def make_scores(arrays: list[np.ndarray]) -> ScoreSet:
+    infos, scores = [], {}
+    for i, a in enumerate(arrays):
+        name = f"layers.{i}.mlp.down_proj.weight"
+        infos.append(TensorInfo(name, tuple(a.shape), i, "mlp.down", "weight"))
+        scores[name] = torch.tensor(a, dtype=torch.float32)
+    return ScoreSet("grad_x_weight", infos, scores, 1)
+
+
+def full_sort(arrays, largest):
+    """Reference: every (score, tensor position, flat index) sorted by score, then position, then index."""
+    entries = [(float(v), t, i) for t, a in enumerate(arrays) for i, v in enumerate(a.astype(np.float32).ravel())]
+    return sorted(entries, key=lambda e: ((-e[0] if largest else e[0]), e[1], e[2]))
+
+
+tie_heavy = st.lists(st.integers(0, 5), min_size=1, max_size=60).map(lambda v: np.array(v, dtype=np.float32) / 4)
+arrays_strategy = st.lists(tie_heavy, min_size=1, max_size=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays=arrays_strategy, k=st.integers(1, 80), largest=st.booleans())
+def test_global_selection_equals_full_sort(arrays, k, largest):
+    ws = select_extreme(make_scores(arrays), k, "global", largest=largest)
+    ref = full_sort(arrays, largest)[:k]
+    assert [(f"layers.{t}.mlp.down_proj.weight", i) for _, t, i in ref] == list(zip(ws.tensor, ws.flat_index.tolist()))
+    assert np.allclose(ws.score, [v for v, _, _ in ref])
+    assert ws.rank.tolist() == list(range(len(ref)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays=arrays_strategy, k=st.integers(1, 80), largest=st.booleans())
+def test_per_layer_selection_equals_full_sort_of_each_tensor(arrays, k, largest):
+    ws = select_extreme(make_scores(arrays), k, "per_layer", largest=largest)
+    expected = []
+    for t, a in enumerate(arrays):
+        expected += [(f"layers.{t}.mlp.down_proj.weight", i) for _, _, i in full_sort([a], largest)[:k]]
+    assert expected == list(zip(ws.tensor, ws.flat_index.tolist()))
+
+
+def test_two_dimensional_tensors_use_flat_indices():
+    a = np.zeros((3, 4), dtype=np.float32)
+    a[2, 1] = 5.0
+    a[0, 3] = 4.0
+    ws = select_extreme(make_scores([a]), 2, "global")
+    assert ws.flat_index.tolist() == [9, 3]
+    info = TensorInfo("x", (3, 4), 0, "mlp.down", "weight")
+    c = info.coordinates(torch.tensor([9, 3]))
+    assert c["row"].tolist() == [2, 0] and c["col"].tolist() == [1, 3]
+
+
+def test_expert_stacks_have_three_coordinates():
+    info = TensorInfo("model.layers.0.mlp.experts.down_proj", (4, 3, 5), 0, "moe.down", "weight")
+    c = info.coordinates(torch.tensor([2 * 15 + 1 * 5 + 4]))
+    assert (c["expert"].item(), c["row"].item(), c["col"].item()) == (2, 1, 4)
+
+
+def test_non_finite_scores_are_refused():
+    with pytest.raises(EsaError, match="NaN or inf"):
+        select_extreme(make_scores([np.array([1.0, np.nan], dtype=np.float32)]), 1, "global")
+
+
+def test_bad_mode_and_k():
+    s = make_scores([np.ones(3, dtype=np.float32)])
+    with pytest.raises(EsaError, match="--mode"):
+        select_extreme(s, 1, "per_head")
+    with pytest.raises(EsaError, match="--topk"):
+        select_extreme(s, 0, "global")
+
+
+def test_random_k_is_stratified_reproducible_and_disjoint_from_top_k():
+    rng = np.random.default_rng(0)
+    arrays = [rng.random(50).astype(np.float32), rng.random(2000).astype(np.float32), rng.random(7).astype(np.float32)]
+    scores = make_scores(arrays)
+    top = select_extreme(scores, 12, "global")
+    a = select_random(scores.tensors, top, seed=3)
+    b = select_random(scores.tensors, top, seed=3)
+    c = select_random(scores.tensors, top, seed=4)
+    assert a.counts() == top.counts()
+    assert a.keys() == b.keys() and a.keys() != c.keys()
+    assert not (a.keys() & top.keys())
+    assert len(a.keys()) == len(a)  # distinct
+
+
+def test_random_k_uniform_covers_tensors_by_size():
+    arrays = [np.ones(100, dtype=np.float32), np.ones(10_000, dtype=np.float32)]
+    scores = make_scores(arrays)
+    top = select_extreme(scores, 200, "per_layer")  # 100 + 200
+    r = select_random(scores.tensors, top, seed=0, stratified=False)
+    counts = r.counts()
+    assert len(r) == len(top) and counts.get("layers.1.mlp.down_proj.weight", 0) > 250
+    assert not (r.keys() & top.keys())
+
+
+def test_random_k_large_tensor_does_not_enumerate_all_elements():
+    from esa.selection import _sample_distinct
+
+    picks = _sample_distinct(1 << 40, 1000, {5, 6, 7}, torch.Generator().manual_seed(0))
+    assert len(set(picks)) == 1000 and not {5, 6, 7} & set(picks) and max(picks) < 1 << 40
+
+
+def test_jaccard_and_overlap():
+    s = make_scores([np.arange(10, dtype=np.float32)])
+    a = select_extreme(s, 4, "global")
+    b = select_extreme(s, 6, "global")
+    assert jaccard(a, a) == 1.0
+    assert jaccard(a, b) == pytest.approx(4 / 6)
+    assert overlap_at_k(a, b) == 1.0
