@@ -1,4 +1,5 @@
-"""Kernel benchmarks: ``python -m bench [accumulate] [topk] [perturb] [--quick] [--sizes ...]`` from the repo root.
+"""Benchmarks: ``python -m bench [accumulate] [topk] [perturb] [end_to_end] [--quick] [--sizes ...]`` from the repo
+root.
 
 Each family prints a table (median time, achieved GB/s over the minimal bytes moved, fraction of the peak measured
 by a device-to-device copy in the same run, speedup over the eager torch form) and writes bench/out/<family>.csv
@@ -15,7 +16,7 @@ import time
 
 import torch
 
-FAMILIES = ("accumulate", "topk", "perturb")
+FAMILIES = ("accumulate", "topk", "perturb", "end_to_end")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -31,6 +32,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats on CPU (CUDA uses do_bench)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--model", default=None, help="end_to_end: model id or directory (default: embedded tiny)")
     return parser.parse_args(argv)
 
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(FAMILIES)}", file=sys.stderr)
         return 2
 
-    from bench import accumulate, common, perturb, topk
+    from bench import accumulate, common, end_to_end, perturb, topk
 
     ctx = common.Context(device=device, quick=args.quick, repeats=args.repeats or (3 if args.quick else 5))
     ctx.meta = common.run_metadata(device)
@@ -62,10 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     ctx.peak_gbps = common.measure_peak_gbps(ctx)
     print(f"measured copy bandwidth (read + write): {ctx.peak_gbps:.1f} GB/s")
 
-    modules = {"accumulate": accumulate, "topk": topk, "perturb": perturb}
+    modules = {"accumulate": accumulate, "topk": topk, "perturb": perturb, "end_to_end": end_to_end}
     for family in families:
         start = time.perf_counter()
-        rows = modules[family].run(ctx, args.sizes)
+        if family == "end_to_end":
+            rows = end_to_end.run(ctx, args.sizes, args.model)
+        else:
+            rows = modules[family].run(ctx, args.sizes)
         csv_path, json_path = common.write_results(family, rows, ctx)
         common.print_table(f"{family} on {ctx.meta['device']} ({time.perf_counter() - start:.1f} s)", rows)
         print(f"wrote {csv_path} and {json_path.name}")

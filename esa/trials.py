@@ -1,0 +1,327 @@
+"""``esa perturb``: causal tests of the selected weights against random_k and bottom_k controls.
+
+Protocol. The evaluation windows are the baseline's (same data flags, same seed). For every seed s and condition
+c ∈ {super (the top-k set), random_k, bottom_k}: perturb the set in place, evaluate every window (per-window NLL),
+restore bit-exactly (verified by fingerprints of the touched tensors), and append the trial to ``trials.jsonl`` at
+once. The sets themselves are written to ``sets/`` before the first trial. Rerunning the same command resumes:
+finished trials are read back (their weight-set hashes must match) and skipped. ``zero`` and ``sign_flip`` are
+deterministic, so a trial whose set equals an earlier trial's set of the same condition reuses that result
+(``reused_from``) instead of evaluating again.
+
+Super sets: the top-k of ``--metric/--mode/--topk`` computed now, or read from ``--from-profile RUN_DIR``, or an
+explicit list (``--weights FILE`` with columns tensor,row,col[,expert] or tensor,flat_index). With
+``--stability-check`` the super and bottom sets of seed s come from a seeded subset of the windows, and their
+pairwise Jaccard is reported. random_k of seed s is drawn with seed s (stratified by default).
+
+Files: ``config.json``, ``sets/<condition>_seed<S>.csv``, ``trials.jsonl`` (one JSON object per trial, the
+baseline first), ``results.json`` (:mod:`esa.stats`), ``plots/`` with ``--save-plots``, and
+``experiment_manifest.json`` last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from esa import stats
+from esa.baseline import begin_run
+from esa.config import PerturbConfig, to_dict
+from esa.errors import EsaError
+from esa.evaluate import EvalResult, evaluate, require_finite
+from esa.fingerprint import model_fingerprint
+from esa.manifest import Timer, build_manifest
+from esa.perturbation import PerturbSpec, perturbed, validate_spec
+from esa.profile import open_for_selection, read_weights, score_and_select, validate_selection, write_weights
+from esa.runio import (MANIFEST, append_jsonl, atomic_write_json, clear_run_files, is_finished, prepare_run_dir,
+                       read_csv_rows, read_json, read_jsonl)
+from esa.selection import WeightSet, jaccard, select_random
+from esa.session import Session, validate_data_config
+from esa.tensors import TensorInfo, describe_parameters, select_tensors
+from esa.windows import seeded_subset
+
+CONTROLS = ("random_k", "bottom_k")
+TRIALS = "trials.jsonl"
+RESULT_FILES = ("results.json", TRIALS, "config.json", MANIFEST)
+
+
+def spec_of(config: PerturbConfig) -> PerturbSpec:
+    return PerturbSpec(config.perturb, config.perturb_scale, config.perturb_prob, config.bits)
+
+
+def validate_perturb(config: PerturbConfig) -> None:
+    validate_data_config(config.data)
+    validate_spec(spec_of(config))
+    unknown = [c for c in config.controls if c not in CONTROLS]
+    if unknown:
+        raise EsaError(f"unknown control {unknown[0]!r} in --controls; use random_k and/or bottom_k")
+    if config.from_profile and config.weights_file:
+        raise EsaError("use either --from-profile or --weights, not both")
+    if config.weights_file and config.stability_check:
+        raise EsaError("--stability-check needs selected (not explicit) weights; drop --weights or the check")
+    if config.stability_check and len(config.seeds) < 2:
+        raise EsaError("--stability-check needs at least two --seeds (e.g. --seeds 0,1,2)")
+    if config.n_bootstrap < 100:
+        raise EsaError("--n-bootstrap must be at least 100")
+    if not config.from_profile and not config.weights_file:
+        validate_selection(config.selection)
+
+
+# ----------------------------------------------------------------------------------------------- weight sets
+def set_hash(ws: WeightSet) -> str:
+    h = hashlib.sha256()
+    for name, idx in zip(ws.tensor, ws.flat_index.tolist()):
+        h.update(f"{name}:{idx};".encode())
+    return h.hexdigest()[:24]
+
+
+def read_explicit_weights(path: Path, params: dict[str, torch.Tensor]) -> WeightSet:
+    """``tensor,row,col[,expert]`` (storage coordinates) or ``tensor,flat_index`` rows → a weight set."""
+    rows = read_csv_rows(path, required=("tensor",))
+    if not rows:
+        raise EsaError(f"--weights {path} lists no weights")
+    names, flat = [], []
+    for i, r in enumerate(rows, start=2):
+        name = r["tensor"].strip()
+        if name not in params:
+            hint = f"{name}.weight" if f"{name}.weight" in params else None
+            raise EsaError(f"--weights {path} line {i}: the model has no tensor {name!r}"
+                           + (f" (did you mean {hint}?)" if hint else ""))
+        shape = tuple(params[name].shape)
+        try:
+            if r.get("flat_index") not in (None, ""):
+                idx = int(r["flat_index"])
+            else:
+                row, col = int(r["row"]), int(r["col"])
+                expert = int(r["expert"]) if r.get("expert") not in (None, "") else 0
+                if len(shape) < 2 or not (0 <= row < shape[-2] and 0 <= col < shape[-1]):
+                    raise EsaError(f"--weights {path} line {i}: (row {row}, col {col}) is outside {name} {shape}")
+                idx = (expert * shape[-2] + row) * shape[-1] + col
+        except (KeyError, TypeError, ValueError):
+            raise EsaError(f"--weights {path} line {i}: needs integer row,col or flat_index") from None
+        if not 0 <= idx < params[name].numel():
+            raise EsaError(f"--weights {path} line {i}: index {idx} is outside {name} {shape}")
+        names.append(name)
+        flat.append(idx)
+    if len(set(zip(names, flat))) != len(names):
+        raise EsaError(f"--weights {path} lists a weight twice")
+    n = len(names)
+    return WeightSet(names, np.array(flat, np.int64), np.full(n, np.nan), np.arange(n), "explicit")
+
+
+def _profile_sets(run_dir: Path, seeds: list[int], stability: bool, model_id: str) -> tuple[dict, dict]:
+    if not is_finished(run_dir):
+        raise EsaError(f"--from-profile {run_dir} is not a finished profile run")
+    manifest = read_json(run_dir / MANIFEST)
+    profiled = manifest.get("model", {}).get("model_id")
+    if profiled != model_id:
+        raise EsaError(f"--from-profile {run_dir} profiled {profiled!r}, not {model_id!r}; pass the same --model")
+    if not stability:
+        top, bottom = read_weights(run_dir / "top_weights.csv"), read_weights(run_dir / "bottom_weights.csv", "bottom_k")
+        return {s: top for s in seeds}, {s: bottom for s in seeds}
+    tops, bottoms = {}, {}
+    for s in seeds:
+        path = run_dir / "stability" / f"top_weights_seed{s}.csv"
+        if not path.exists():
+            raise EsaError(f"--from-profile {run_dir} has no stability selection for seed {s}; rerun profile with "
+                           f"--stability-check --seeds {','.join(map(str, seeds))}")
+        tops[s] = read_weights(path)
+        bottoms[s] = read_weights(run_dir / "stability" / f"bottom_weights_seed{s}.csv", "bottom_k")
+    return tops, bottoms
+
+
+def build_sets(config: PerturbConfig, session: Session) -> tuple[dict[int, dict[str, WeightSet]], list[TensorInfo]]:
+    """Per seed, the weight set of every condition (see the module docstring)."""
+    model = session.loaded.model
+    params = dict(model.named_parameters())
+    sel = config.selection
+    # Stratified random_k only needs the tensors of the top-k set; uniform random_k draws from the tensors that
+    # the selection flags choose.
+    infos = ([t for t, _ in describe_parameters(model)] if config.random_stratified else
+             [t for t, _ in select_tensors(model, sel.include, sel.exclude, biases=sel.include_biases,
+                                           norms=sel.include_norms)])
+    if config.weights_file:
+        explicit = read_explicit_weights(Path(config.weights_file), params)
+        tops, bottoms = {s: explicit for s in config.seeds}, {}
+    elif config.from_profile:
+        tops, bottoms = _profile_sets(Path(config.from_profile), config.seeds, config.stability_check,
+                                      session.loaded.model_id)
+    elif config.stability_check:
+        tops, bottoms = {}, {}
+        n = session.windows.n
+        size = max(1, int(round(config.stability_fraction * n)))
+        for s in config.seeds:
+            positions = seeded_subset(n, size, s)
+            chosen, _ = score_and_select(session, sel, session.windows.input_ids[positions],
+                                         batch_size=config.data.batch_size, seed=s)
+            tops[s], bottoms[s] = chosen.top, chosen.bottom
+    else:
+        chosen, _ = score_and_select(session, sel, session.windows.input_ids, batch_size=config.data.batch_size,
+                                     seed=config.data.seed)
+        tops = {s: chosen.top for s in config.seeds}
+        bottoms = {s: chosen.bottom for s in config.seeds}
+    for ws in list(tops.values()) + list(bottoms.values()):
+        for name in set(ws.tensor):
+            if name not in params:
+                raise EsaError(f"the model has no tensor {name!r} (named by the selection)")
+    sets: dict[int, dict[str, WeightSet]] = {}
+    for s in config.seeds:
+        sets[s] = {"super": tops[s]}
+        if "random_k" in config.controls:
+            sets[s]["random_k"] = select_random(infos, tops[s], s, stratified=config.random_stratified)
+        if "bottom_k" in config.controls and s in bottoms:
+            sets[s]["bottom_k"] = bottoms[s]
+    return sets, infos
+
+
+def save_sets(out_dir: Path, sets: dict[int, dict[str, WeightSet]], model: torch.nn.Module) -> None:
+    infos = [t for t, _ in describe_parameters(model)]
+    params = dict(model.named_parameters())
+    for s, by_condition in sets.items():
+        for condition, ws in by_condition.items():
+            write_weights(out_dir / "sets" / f"{condition}_seed{s}.csv", ws, infos, params)
+
+
+def load_sets(out_dir: Path, seeds: list[int], conditions: list[str]) -> dict[int, dict[str, WeightSet]]:
+    return {s: {c: read_weights(out_dir / "sets" / f"{c}_seed{s}.csv", c) for c in conditions} for s in seeds}
+
+
+# ----------------------------------------------------------------------------------------------- trials
+def _record(trial_id: str, condition: str, seed: int | None, result: EvalResult, seconds: float, **extra) -> dict:
+    return {"trial_id": trial_id, "condition": condition, "seed": seed, "ppl": result.ppl, "mean_nll": result.mean_nll,
+            "accuracy": result.accuracy, "finite": result.finite, "window_nll": result.nll.tolist(),
+            "tokens": result.tokens.tolist(), "correct": result.correct.tolist(), "seconds": round(seconds, 3), **extra}
+
+
+def _result_of(record: dict) -> EvalResult:
+    return EvalResult(nll=np.array([float(x) for x in record["window_nll"]], dtype=np.float64),
+                      tokens=np.array(record["tokens"], dtype=np.int64),
+                      correct=np.array(record["correct"], dtype=np.int64))
+
+
+def _same_run(out_dir: Path, config: PerturbConfig) -> bool:
+    saved = read_json(out_dir / "config.json")
+    mine = to_dict(config)
+    for d in (saved, mine):
+        d.pop("overwrite", None)
+        d.pop("save_plots", None)
+    return saved == mine
+
+
+def prepare_perturb_dir(config: PerturbConfig) -> tuple[Path, bool]:
+    """(run directory, resuming?): a finished run needs --overwrite; an unfinished one with the same
+    configuration resumes; an unfinished one with another configuration is refused."""
+    out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
+    if config.overwrite:
+        return out_dir, False
+    if (out_dir / TRIALS).exists() and (out_dir / "config.json").exists():
+        if not _same_run(out_dir, config):
+            raise EsaError(f"{out_dir} holds an unfinished perturb run with another configuration; pass --overwrite "
+                           "to discard it or choose another --out-dir")
+        return out_dir, True
+    return out_dir, False
+
+
+def run_perturb(config: PerturbConfig, *, command: str = "perturb") -> dict:
+    validate_perturb(config)
+    out_dir, resuming = prepare_perturb_dir(config)
+    timer = Timer()
+    with timer.phase("load"):
+        session = open_for_selection(config.model, config.data, config.selection)
+    model = session.loaded.model
+    params = dict(model.named_parameters())
+    spec = spec_of(config)
+    validate_spec(spec, next(iter(params.values())).dtype)
+    conditions = ["super"] + [c for c in CONTROLS if c in config.controls]
+    if config.weights_file and "bottom_k" in conditions:
+        conditions.remove("bottom_k")  # an explicit set has no scores to rank
+
+    if resuming:
+        sets = load_sets(out_dir, config.seeds, conditions)
+    else:
+        with timer.phase("select"):
+            sets, _ = build_sets(config, session)
+        begin_run(out_dir, True)
+        clear_run_files(out_dir, [TRIALS, "results.json"])
+        save_sets(out_dir, sets, model)
+        atomic_write_json(out_dir / "config.json", to_dict(config))
+
+    trials_path = out_dir / TRIALS
+    done = {r["trial_id"]: r for r in read_jsonl(trials_path)}
+    fingerprint_before = model_fingerprint(model)
+    batch_size = config.data.batch_size
+    windows = session.windows.input_ids
+    with timer.phase("trials"):
+        if "baseline" not in done:
+            t0 = time.perf_counter()
+            base = evaluate(model, windows, batch_size=batch_size, description="baseline")
+            require_finite(base)
+            done["baseline"] = _record("baseline", "baseline", None, base, time.perf_counter() - t0,
+                                       windows_sha256=session.windows.token_sha256())
+            append_jsonl(trials_path, done["baseline"])
+        elif done["baseline"].get("windows_sha256") != session.windows.token_sha256():
+            raise EsaError(f"{out_dir}: the evaluation windows differ from the interrupted run's; use --overwrite")
+        deterministic = spec.kind in ("zero", "sign_flip")
+        for s in config.seeds:
+            for cond in conditions:
+                trial_id = f"{cond}/seed{s}"
+                ws = sets[s][cond]
+                h = set_hash(ws)
+                if trial_id in done:
+                    if done[trial_id].get("set_hash") != h:
+                        raise EsaError(f"{out_dir}: trial {trial_id} was run on another weight set; use --overwrite")
+                    continue
+                earlier = next((r for r in done.values() if deterministic and r.get("condition") == cond
+                                and r.get("set_hash") == h and "reused_from" not in r), None)
+                t0 = time.perf_counter()
+                if earlier is not None:
+                    record = dict(earlier, trial_id=trial_id, seed=s, reused_from=earlier["trial_id"], seconds=0.0)
+                else:
+                    with perturbed(params, ws, spec, seed=s) as applied:
+                        result = evaluate(model, windows, batch_size=batch_size, description=trial_id)
+                    record = _record(trial_id, cond, s, result, time.perf_counter() - t0, set_hash=h,
+                                     n_weights=applied.n_weights, bits_flipped=applied.bits_flipped,
+                                     tensors_touched=len(applied.tensors), restore_verified=True)
+                done[trial_id] = record
+                append_jsonl(trials_path, record)
+    if model_fingerprint(model) != fingerprint_before:
+        raise RuntimeError("the model's weights changed during the trials: restoration failed")
+
+    with timer.phase("statistics"):
+        results = summarize(config, done, sets, conditions, spec)
+    atomic_write_json(out_dir / "results.json", results)
+    if config.save_plots:
+        from esa.plots import plot_delta_ppl
+
+        plot_delta_ppl(results, out_dir / "plots" / "delta_ppl")
+    extra = {**session.describe(), "model_fingerprint": fingerprint_before, "resumed": resuming}
+    atomic_write_json(out_dir / MANIFEST, build_manifest(command, timer=timer, extra=extra))
+    return {"out_dir": out_dir, "results": results, "session": session}
+
+
+def summarize(config: PerturbConfig, done: dict, sets: dict, conditions: list[str], spec: PerturbSpec) -> dict:
+    base = done["baseline"]
+    baseline = stats.Trial("baseline", -1, _result_of(base).nll, _result_of(base).tokens)
+    trials = []
+    for s in config.seeds:
+        for cond in conditions:
+            r = done[f"{cond}/seed{s}"]
+            res = _result_of(r)
+            trials.append(stats.Trial(cond, s, res.nll, res.tokens, int(r.get("bits_flipped", 0)),
+                                      int(r.get("n_weights", 0))))
+    out = stats.summarize_trials(baseline, trials, n_boot=config.n_bootstrap, seed=config.data.seed)
+    out["perturbation"] = {"kind": spec.kind, "scale": spec.scale, "prob": spec.prob, "bits": spec.bits}
+    out["seeds"] = config.seeds
+    out["set_sizes"] = {c: len(sets[config.seeds[0]][c]) for c in conditions}
+    out["source"] = ("weights_file" if config.weights_file else "from_profile" if config.from_profile else "selection")
+    if config.stability_check:
+        supers = [sets[s]["super"] for s in config.seeds]
+        pairs = {f"{a}-{b}": jaccard(supers[i], supers[j]) for i, a in enumerate(config.seeds)
+                 for j, b in enumerate(config.seeds) if i < j}
+        out["stability"] = {"pairwise_jaccard": pairs,
+                            "mean_jaccard": float(np.mean(list(pairs.values())))}
+    out["restore_verified"] = True
+    return out

@@ -1,0 +1,162 @@
+"""`esa perturb` end to end: causal separation on a planted super weight, honest nulls, resume, exact restore."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from esa.cli.main import app
+from esa.config import DataConfig, ModelConfig, PerturbConfig, SelectionConfig
+from esa.errors import EsaError
+from esa.trials import run_perturb
+from helpers import REPO, planted_super_weight_model, random_model, save_model
+
+runner = CliRunner()
+DATA = dict(seq_len=64, max_samples=12, batch_size=6)
+
+
+@pytest.fixture(scope="module")
+def planted_dir(tmp_path_factory):
+    model, info = planted_super_weight_model()
+    return save_model(model, tmp_path_factory.mktemp("planted") / "model"), info
+
+
+def perturb_config(model_dir, out_dir, **kw) -> PerturbConfig:
+    sel = kw.pop("selection", SelectionConfig(metric="grad_x_weight", mode="global", topk=1))
+    return PerturbConfig(model=ModelConfig(model=str(model_dir)), data=DataConfig(**DATA), selection=sel,
+                         out_dir=str(out_dir), n_bootstrap=2000, **kw)
+
+
+@pytest.mark.parametrize("kind", ["zero", "sign_flip"])
+def test_planted_super_weight_separates_from_controls(planted_dir, tmp_path, kind):
+    model_dir, info = planted_dir
+    result = run_perturb(perturb_config(model_dir, tmp_path / kind, perturb=kind))
+    r = result["results"]
+    sets = (tmp_path / kind / "sets" / "super_seed0.csv").read_text().splitlines()
+    assert info["tensor"] in sets[1] and f",{info['row']},{info['col']},{info['flat_index']}," in sets[1]
+    d_super = r["conditions"]["super"]["delta_ppl"]
+    d_random = r["conditions"]["random_k"]["delta_ppl"]
+    assert d_super > 10 * abs(d_random) and d_super > 1.0
+    assert r["tests"]["super_vs_random_k"]["p_paired_t"] < 0.05
+    assert r["tests"]["super_vs_random_k"]["p_wilcoxon"] < 0.05
+    assert r["effect_ratio"]["value"] > 10 or r["effect_ratio"]["value"] == float("inf")
+    # Every parameter is as it was on disk.
+    fresh = type(result["session"].loaded.model).from_pretrained(model_dir)
+    for (n, p), (_, q) in zip(result["session"].loaded.model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p.cpu().view(torch.int32), q.view(torch.int32)), n
+
+
+def test_random_set_as_super_is_not_called_significant(tmp_path):
+    """No planted weight and a 'super' set that is itself random: the test must not report a separation."""
+    model_dir = save_model(random_model("llama", vocab_size=2048, seed=3), tmp_path / "model")
+    g = torch.Generator().manual_seed(11)
+    rows = ["tensor,flat_index"]
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
+        for idx in torch.randperm(1024, generator=g)[:20].tolist():
+            rows.append(f"{name},{idx}")
+    (tmp_path / "weights.csv").write_text("\n".join(rows) + "\n")
+    cfg = perturb_config(model_dir, tmp_path / "run", perturb="gauss_noise", perturb_scale=1.0,
+                         weights_file=str(tmp_path / "weights.csv"))
+    r = run_perturb(cfg)["results"]
+    assert "bottom_k" not in r["conditions"]
+    assert r["tests"]["super_vs_random_k"]["p_paired_t"] > 0.05
+
+
+def test_paired_test_is_calibrated_under_the_null():
+    """On simulated data with no difference between conditions, p < 0.05 happens about 5% of the time."""
+    from esa.stats import bootstrap_indices, paired_comparison
+
+    rng = np.random.default_rng(0)
+    tokens = np.full(40, 63.0)
+    boot = bootstrap_indices(40, 200, 0)
+    hits = 0
+    for _ in range(400):
+        base = rng.normal(200, 20, 40)
+        a, b = base + rng.normal(0, 3, 40), base + rng.normal(0, 3, 40)
+        hits += paired_comparison(a, b, tokens, boot)["p_paired_t"] < 0.05
+    assert 0.02 < hits / 400 < 0.09
+
+
+def test_bit_flip_on_embedded_model_through_the_cli(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["perturb", "--perturb", "bit_flip", "--perturb-prob", "0.05", "--topk", "20",
+                                 "--seq-len", "64", "--max-samples", "6", "--seeds", "0,1", "--save-plots",
+                                 "--out-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("config.json", "trials.jsonl", "results.json", "experiment_manifest.json", "plots/delta_ppl.png",
+                 "plots/delta_ppl.pdf", "sets/super_seed0.csv", "sets/random_k_seed1.csv", "sets/bottom_k_seed0.csv"):
+        assert (out / name).exists(), name
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["conditions"]) == {"super", "random_k", "bottom_k"}
+    lines = (out / "trials.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 2 * 3
+    assert results["conditions"]["super"]["mean_bits_flipped"] >= 0
+    assert "effect ratio" in result.output
+
+
+def test_finished_run_needs_overwrite_and_changed_config_is_refused(planted_dir, tmp_path):
+    model_dir, _ = planted_dir
+    cfg = perturb_config(model_dir, tmp_path / "run", seeds=[0])
+    run_perturb(cfg)
+    with pytest.raises(EsaError, match="finished run"):
+        run_perturb(cfg)
+    # An unfinished run with another configuration is not resumed silently.
+    (tmp_path / "run" / "experiment_manifest.json").unlink()
+    with pytest.raises(EsaError, match="another configuration"):
+        run_perturb(perturb_config(model_dir, tmp_path / "run", seeds=[0], perturb="sign_flip"))
+
+
+def test_sigkilled_run_resumes_to_the_same_results(planted_dir, tmp_path):
+    model_dir, _ = planted_dir
+    args = [sys.executable, "-m", "esa.cli.main", "perturb", "--model", str(model_dir), "--metric", "grad_squared",
+            "--mode", "global", "--topk", "3", "--perturb", "gauss_noise", "--perturb-scale", "2.0",
+            "--seq-len", "64", "--max-samples", "12", "--batch-size", "6", "--seeds", "0,1,2", "--n-bootstrap", "500"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ESA_PROGRESS="0")
+    full = subprocess.run(args + ["--out-dir", str(tmp_path / "full")], env=env, capture_output=True, text=True,
+                          cwd=REPO, timeout=600)
+    assert full.returncode == 0, full.stderr
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out-dir", str(killed_dir)], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    trials = killed_dir / "trials.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if trials.exists() and len(trials.read_text().splitlines()) >= 4:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed_dir / "results.json").exists()
+    resumed = subprocess.run(args + ["--out-dir", str(killed_dir)], env=env, capture_output=True, text=True,
+                             cwd=REPO, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((tmp_path / "full" / "results.json").read_text())
+    b = json.loads((killed_dir / "results.json").read_text())
+    assert a == b
+    manifest = json.loads((killed_dir / "experiment_manifest.json").read_text())
+    assert manifest["resumed"] is True
+
+
+def test_from_profile_reuses_the_profile_selection(planted_dir, tmp_path):
+    from esa.config import ProfileConfig
+    from esa.profile import run_profile
+
+    model_dir, info = planted_dir
+    prof = ProfileConfig(model=ModelConfig(model=str(model_dir)), data=DataConfig(**DATA),
+                         selection=SelectionConfig(metric="grad_squared", mode="global", topk=4),
+                         out_dir=str(tmp_path / "profile"))
+    run_profile(prof)
+    r = run_perturb(perturb_config(model_dir, tmp_path / "perturb", from_profile=str(tmp_path / "profile"),
+                                   seeds=[0]))["results"]
+    assert r["source"] == "from_profile" and r["set_sizes"]["super"] == 4
+    top = (tmp_path / "profile" / "top_weights.csv").read_text().splitlines()[1:]
+    used = (tmp_path / "perturb" / "sets" / "super_seed0.csv").read_text().splitlines()[1:]
+    assert [l.split(",")[1] + l.split(",")[7] for l in top] == [l.split(",")[1] + l.split(",")[7] for l in used]
