@@ -55,6 +55,20 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _json_restore(obj: Any) -> Any:
+    """Inverse of :func:`_json_safe`: "nan" / "inf" / "-inf" strings become floats again."""
+    if isinstance(obj, str):
+        return _NON_FINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: _json_restore(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_restore(v) for v in obj]
+    return obj
+
+
 def to_json(obj: Any) -> str:
     return json.dumps(_json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
 
@@ -72,8 +86,9 @@ def atomic_write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[
 
 
 def read_json(path: Path) -> Any:
+    """A JSON file written by :func:`atomic_write_json` (non-finite numbers restored); errors are one line."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return _json_restore(json.loads(Path(path).read_text(encoding="utf-8")))
     except FileNotFoundError:
         raise EsaError(f"{path} not found") from None
     except json.JSONDecodeError as e:
@@ -103,7 +118,7 @@ def read_jsonl(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(_json_restore(json.loads(line)))
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break  # torn tail from an interrupted append
