@@ -64,12 +64,19 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def kernel_path() -> dict[str, Any]:
+def kernel_path(device: str | None = None) -> dict[str, Any]:
+    """The kernel settings, and with ``device`` the path that ran there ("backend": "triton" or "torch")."""
     try:
-        from esa.kernels.dispatch import kernel_backend_summary
+        from esa.kernels.dispatch import backend_for, kernel_backend_summary
     except ImportError:
-        return {"ESA_KERNELS": os.environ.get("ESA_KERNELS", "auto"), "triton_available": False}
-    return kernel_backend_summary()
+        return {"ESA_KERNELS": os.environ.get("ESA_KERNELS", "auto"), "triton_available": False, "backend": "torch"}
+    info = kernel_backend_summary()
+    if device is not None:
+        try:
+            info["backend"] = backend_for(torch.empty(0, device=device))
+        except (RuntimeError, ValueError) as e:
+            info["backend"] = f"unavailable: {e}"
+    return info
 
 
 class Timer:
@@ -105,7 +112,7 @@ def build_manifest(command: str, *, timer: Timer, extra: dict[str, Any], status:
         "git": _git_state(),
         "packages": package_versions(),
         "hardware": hardware(),
-        "kernels": kernel_path(),
+        "kernels": kernel_path(extra.get("model", {}).get("device")),
         "timings_s": timer.as_dict(),
         **extra,
     }

@@ -11,7 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from esa import tailstats  # noqa: E402
 from esa.runio import atomic_write_bytes  # noqa: E402
 
 FORMATS = ("png", "pdf")
@@ -31,23 +30,12 @@ def save(fig, path_stem: Path) -> list[Path]:
     return paths
 
 
-def ccdf_points(summary: tailstats.TensorSummary) -> tuple[np.ndarray, np.ndarray]:
-    """Empirical P(S ≥ x): the body from the seeded sample, the tail from the exact top scores."""
-    body = np.sort(summary.sample[summary.sample > 0])[::-1]
-    p_body = np.arange(1, body.size + 1) / max(summary.sample.size, 1)
-    top = summary.top[summary.top > 0]
-    p_top = np.arange(1, top.size + 1) / summary.numel
-    keep = body < (top[-1] if top.size else np.inf)
-    x = np.concatenate([top, body[keep]])
-    p = np.concatenate([p_top, p_body[keep]])
-    return x, p
-
-
-def plot_ccdf(by_component: dict[str, tailstats.TensorSummary], metric: str, path_stem: Path) -> list[Path]:
+def plot_ccdf(curves: dict[str, tuple[np.ndarray, np.ndarray]], metric: str, path_stem: Path) -> list[Path]:
+    """Log-log CCDF per component; ``curves`` maps component → (score x, P(score ≥ x)) (see profile.ccdf_curves)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for comp in sorted(by_component):
-        x, p = ccdf_points(by_component[comp])
-        if x.size:
+    for comp in sorted(curves):
+        x, p = curves[comp]
+        if len(x):
             ax.loglog(x, p, lw=1.2, label=comp)
     ax.set_xlabel(f"score ({metric})")
     ax.set_ylabel("P(score ≥ x)")
@@ -104,15 +92,10 @@ def plot_top_locations(rows: list[tuple], path_stem: Path, n: int = 200) -> list
     return save(fig, path_stem)
 
 
-def profile_plots(plot_dir: Path, selection, location_rows: list[tuple], *, metric: str) -> list[Path]:
+def profile_plots(plot_dir: Path, selection, location_rows: list[tuple], curves: dict, *, metric: str) -> list[Path]:
     from esa.profile import weight_rows  # local: plots is imported by profile
 
-    by_component: dict[str, list] = {}
-    for t in selection.tensors:
-        by_component.setdefault(t.component, []).append(selection.summaries[t.name])
-    tail = max(s.top.size for s in selection.summaries.values())
-    combined = {c: tailstats.combine(s, tail=tail) for c, s in by_component.items()}
-    paths = plot_ccdf(combined, metric, plot_dir / "score_ccdf")
+    paths = plot_ccdf(curves, metric, plot_dir / "score_ccdf")
     paths += plot_heatmap(location_rows, 2, "Top-k weights per layer × component", plot_dir / "heatmap_topk_count",
                           "top-k count")
     paths += plot_heatmap(location_rows, 4, "Share of total score mass", plot_dir / "heatmap_score_mass", "share")
@@ -151,4 +134,21 @@ def plot_delta_ppl(results: dict, path_stem: Path) -> list[Path]:
     ax.set_title(title)
     ax.axhline(0, color="black", lw=0.6)
     ax.grid(True, axis="y", alpha=0.3)
+    return save(fig, path_stem)
+
+
+def plot_matrix(matrix: list[list[float]], labels: list[str], title: str, path_stem: Path) -> list[Path]:
+    """A symmetric agreement matrix (e.g. overlap@k between runs) with each value written in its cell."""
+    grid = np.asarray(matrix, dtype=float)
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1.1 * n + 3, 0.9 * n + 2))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if grid[i, j] < 0.6 else "black")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
     return save(fig, path_stem)

@@ -6,6 +6,7 @@ Files in the run directory:
 - ``tensor_stats.csv``: per scored tensor, the statistics of :mod:`esa.tailstats`;
 - ``score_stats.json``: the same for the whole model and per component, plus zero counts;
 - ``locations.csv``: layer × component table of top-k counts and of score mass;
+- ``ccdf.csv``: per component, the score CCDF P(S ≥ x) at up to 400 log-spaced points (what the plots draw);
 - ``metrics.json``: headline numbers (share of top-k in embeddings / lm_head, tail index, stability);
 - ``stability.json`` and ``stability/top_weights_seed<S>.csv`` with ``--stability-check``;
 - ``scores.safetensors`` with ``--save-scores`` (float32, one entry per tensor: 4 bytes per weight);
@@ -168,6 +169,50 @@ def location_table(selection: Selection) -> tuple[list[tuple], dict]:
                   "tensors_with_topk": tensors_hit, "largest_single_tensor_share": top_tensor_share}
 
 
+CCDF_POINTS = 400  # per component in ccdf.csv: enough for a smooth log-log curve
+
+
+def ccdf_curves(selection: Selection) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per component, the empirical CCDF P(S ≥ x) of its scores, thinned to log-spaced points.
+
+    The tail comes from the exact top scores (P = i / n), the body from the seeded sample (P = i / sample size,
+    kept no lower than the exact tail's last value, so that the curve is monotone); zero scores are left out (a log axis cannot show them; their count is in score_stats.json).
+    """
+    by_component: dict[str, list[tailstats.TensorSummary]] = {}
+    for t in selection.tensors:
+        by_component.setdefault(_group_key(t), []).append(selection.summaries[t.name])
+    tail = max(s.top.size for s in selection.summaries.values())
+    curves = {}
+    for comp, summaries in by_component.items():
+        pooled = tailstats.combine(summaries, tail=tail)
+        body = np.sort(pooled.sample[pooled.sample > 0])[::-1]
+        p_body = np.arange(1, body.size + 1) / max(pooled.sample.size, 1)
+        top = pooled.top[pooled.top > 0]
+        p_top = np.arange(1, top.size + 1) / pooled.numel
+        keep = body < (top[-1] if top.size else np.inf)
+        x = np.concatenate([top, body[keep]])
+        # The exact tail bounds the sampled body from below: P(S ≥ x) cannot drop as x falls.
+        p = np.maximum.accumulate(np.concatenate([p_top, p_body[keep]]))
+        if x.size > CCDF_POINTS:
+            idx = np.unique(np.geomspace(1, x.size, CCDF_POINTS).astype(np.int64) - 1)
+            x, p = x[idx], p[idx]
+        curves[comp] = (x, p)
+    return curves
+
+
+def ccdf_rows(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[tuple]:
+    return [(comp, repr(float(xi)), repr(float(pi))) for comp, (x, p) in sorted(curves.items()) for xi, pi in zip(x, p)]
+
+
+def read_ccdf(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    curves: dict[str, tuple[list, list]] = {}
+    for r in read_csv_rows(path, required=("component", "score", "ccdf")):
+        xs, ps = curves.setdefault(r["component"], ([], []))
+        xs.append(float(r["score"]))
+        ps.append(float(r["ccdf"]))
+    return {c: (np.array(x), np.array(p)) for c, (x, p) in curves.items()}
+
+
 # ----------------------------------------------------------------------------------------------- stability
 def stability(session: Session, config: ProfileConfig) -> tuple[dict, dict[int, Selection]]:
     """Top-k from seeded subsets of the evaluation windows (a fraction of them each) and their pairwise Jaccard."""
@@ -224,12 +269,13 @@ def open_for_selection(config_model, data, sel: SelectionConfig) -> Session:
     return open_session(config_model, data)
 
 
-def run_profile(config: ProfileConfig, *, command: str = "profile") -> dict:
+def run_profile(config: ProfileConfig, *, command: str = "profile", session: Session | None = None) -> dict:
+    """Score, select and write the run; ``session`` reuses a loaded model and its windows (``esa run``)."""
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
     validate_profile(config)
     timer = Timer()
     with timer.phase("load"):
-        session = open_for_selection(config.model, config.data, config.selection)
+        session = session or open_for_selection(config.model, config.data, config.selection)
     model = session.loaded.model
     params = dict(model.named_parameters())
     sel = config.selection
@@ -239,6 +285,7 @@ def run_profile(config: ProfileConfig, *, command: str = "profile") -> dict:
     with timer.phase("statistics"):
         stats, stat_rows = score_statistics(selection, sel.topk)
         loc_rows, loc_summary = location_table(selection)
+        curves = ccdf_curves(selection)
     scores_blob = _scores_bytes(scores) if config.save_scores else None
     plot_inputs = (selection, scores.metric) if config.save_plots else None
     del scores
@@ -253,6 +300,7 @@ def run_profile(config: ProfileConfig, *, command: str = "profile") -> dict:
     write_weights(out_dir / "bottom_weights.csv", selection.bottom, selection.tensors, params)
     atomic_write_csv(out_dir / "tensor_stats.csv", ("tensor", "layer", "component", *STATS_COLUMNS), stat_rows)
     atomic_write_json(out_dir / "score_stats.json", stats)
+    atomic_write_csv(out_dir / "ccdf.csv", ("component", "score", "ccdf"), ccdf_rows(curves))
     atomic_write_csv(out_dir / "locations.csv", ("layer", "component", "topk_count", "topk_share", "score_mass_share"),
                      loc_rows)
     if scores_blob is not None:
@@ -288,7 +336,7 @@ def run_profile(config: ProfileConfig, *, command: str = "profile") -> dict:
         with timer.phase("plots"):
             from esa.plots import profile_plots
 
-            profile_plots(out_dir / "plots", selection, loc_rows, metric=sel.metric)
+            profile_plots(out_dir / "plots", selection, loc_rows, curves, metric=sel.metric)
     extra = {**session.describe(), "scoring": {"metric": sel.metric, "tensors": [t.name for t in selection.tensors]}}
     atomic_write_json(out_dir / MANIFEST, build_manifest(command, timer=timer, extra=extra))
     return {"out_dir": out_dir, "metrics": metrics, "stability": stab, "session": session, "selection": selection}

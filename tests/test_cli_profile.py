@@ -12,7 +12,7 @@ from helpers import planted_super_weight_model, save_model
 runner = CliRunner()
 FAST = ["--seq-len", "64", "--max-samples", "8", "--batch-size", "4"]
 PROFILE_FILES = ("top_weights.csv", "bottom_weights.csv", "tensor_stats.csv", "score_stats.json", "locations.csv",
-                 "metrics.json", "config.json", "experiment_manifest.json")
+                 "ccdf.csv", "metrics.json", "config.json", "experiment_manifest.json")
 
 
 def run(*args):
@@ -56,6 +56,15 @@ def test_grad_squared_on_embedded_model_writes_every_file(tmp_path):
     stats = json.loads((out / "score_stats.json").read_text())
     assert {"model", "components", "tensors"} <= set(stats)
     assert stats["model"]["numel"] == metrics["scored_weights"]
+    # The CCDF the report draws: per component, P(S >= x) rises as x falls, from 1/numel at the maximum score.
+    ccdf = rows(out / "ccdf.csv")
+    for comp, c in stats["components"].items():
+        points = [(float(r["score"]), float(r["ccdf"])) for r in ccdf if r["component"] == comp]
+        assert points and points[0][0] == pytest.approx(c["max"], rel=1e-6)
+        assert points[0][1] == pytest.approx(1 / c["numel"])
+        assert all(x1 >= x2 and p1 <= p2 for (x1, p1), (x2, p2) in zip(points, points[1:])) and points[-1][1] <= 1
+    manifest = json.loads((out / "experiment_manifest.json").read_text())
+    assert manifest["kernels"]["backend"] == "torch"  # CPU tensors take the torch path unless forced
 
 
 @pytest.mark.parametrize("metric,extra", [
