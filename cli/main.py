@@ -309,11 +309,97 @@ def print_perturb(results: dict, out_dir: Path) -> None:
 
 @app.command()
 @user_errors
-def report() -> None:
-    """Figures, tables and the evidence checklist from run directories (not implemented yet)."""
-    from esa.errors import EsaError
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories, or folders of them (e.g. an esa run "
+                                                   "out-dir)")],
+    out: Annotated[Path, typer.Option(help="where to write report.html, report.md, tables.tex, figures/")] = Path(
+        "runs/report"),
+) -> None:
+    """Figures, tables (Markdown, HTML, LaTeX) and the evidence checklist from finished runs; loads no model."""
+    from esa.report import write_report
 
-    raise EsaError("esa report is not implemented yet")
+    summary = write_report(run_dirs, out)
+    print_checklist(out / "checklist.json")
+    if summary["skipped"]:
+        console.print("[yellow]left out:[/] " + "; ".join(summary["skipped"]))
+    console.print(f"report in {out / 'report.html'} (and report.md, tables.tex, figures/)")
+
+
+def print_checklist(path: Path) -> None:
+    from esa.runio import read_json
+
+    colour = {"met": "green", "not met": "red", "not measured": "dim"}
+    table = Table(title="evidence checklist", title_justify="left")
+    for col in ("criterion", "run", "measured", "threshold", "status"):
+        table.add_column(col, justify="right" if col == "measured" else "left")
+    for c in read_json(path)["criteria"]:
+        value = c["value"] if isinstance(c["value"], str) else _fmt(c["value"], 4) if c["value"] is not None else "—"
+        table.add_row(c["name"], c["run"] or "all", value, c["threshold"],
+                      f"[{colour[c['status']]}]{c['status']}[/]")
+    console.print(table)
+
+
+@user_errors
+def run(
+    model: o.Model = None,
+    metric: o.Metric = "grad_x_weight",
+    mode: o.Mode = "per_layer",
+    topk: o.TopK = 100,
+    max_samples: o.MaxSamples = None,
+    batch_size: o.BatchSize = 8,
+    device: o.Device = "auto",
+    save_plots: o.SavePlots = False,
+    out_dir: o.OutDir = Path("runs/runbook"),
+    perturb: Annotated[Optional[str], typer.Option(help="zero | sign_flip | gauss_noise | bit_flip [default: no "
+                                                   "perturbation phase]", rich_help_panel="Perturbation")] = None,
+    perturb_scale: o.PerturbScale = 1.0,
+    perturb_prob: o.PerturbProb = 1.0,
+    controls: o.Controls = "random_k,bottom_k",
+    seeds: o.Seeds = "0,1,2",
+    stability_check: o.StabilityCheck = False,
+    bits: o.Bits = "any",
+    hutchinson_probes: o.HutchinsonProbes = 8,
+    include: o.Include = None,
+    exclude: o.Exclude = None,
+    dtype: o.Dtype = "auto",
+    dataset: Annotated[str, typer.Option(help="auto (embedded for the embedded model, else wikitext2) | embedded | "
+                                         "wikitext2", rich_help_panel="Data")] = "auto",
+    dataset_path: o.DatasetPath = None,
+    text_file: o.TextFile = None,
+    seq_len: o.SeqLen = None,
+    seed: o.Seed = 0,
+    overwrite: o.Overwrite = False,
+) -> None:
+    """The runbook: baseline → profile → perturb (with --perturb) → report, into sub-directories of --out-dir.
+
+    Rerunning the same command reuses finished phases and resumes interrupted trials.
+    """
+    from esa.runbook import RunbookConfig, resolve_dataset, run_runbook
+
+    dataset = resolve_dataset(dataset, model, str(text_file) if text_file else None)
+    config = RunbookConfig(
+        model=o.model_config(model, dtype, device, None, False, None),
+        data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
+        selection=o.selection_config(metric, mode, topk, include, exclude, False, False, hutchinson_probes, 4096),
+        perturb=perturb, perturb_scale=perturb_scale, perturb_prob=perturb_prob, bits=bits,
+        controls=o.parse_controls(controls), seeds=o.parse_seeds(seeds), stability_check=stability_check,
+        save_plots=save_plots, out_dir=str(out_dir), overwrite=overwrite,
+    )
+    results = run_runbook(config, announce=lambda line: console.print(f"[bold]▶[/] {line}"))
+    if results.get("baseline") is not None:
+        print_baseline(results["baseline"].metrics, results["baseline"].session.describe(), out_dir / "baseline")
+    if results.get("profile") is not None:
+        print_profile(results["profile"]["metrics"], results["profile"]["stability"], out_dir / "profile")
+    if results.get("perturb") is not None:
+        print_perturb(results["perturb"]["results"], out_dir / "perturb")
+    print_checklist(out_dir / "report" / "checklist.json")
+    console.print(f"report in {out_dir / 'report' / 'report.html'}")
+
+
+app.command(name="run")(run)
+# The runbook's own entry point (phase1_runner_enhanced.py): the same command, as a program of its own.
+runbook_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+runbook_app.command()(run)
 
 
 @tiny_app.command("train")

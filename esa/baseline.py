@@ -59,12 +59,13 @@ def begin_run(out_dir: Path, overwrite: bool) -> None:
         manifest.unlink()
 
 
-def run_baseline(config: BaselineConfig, *, command: str = "baseline") -> BaselineRun:
+def run_baseline(config: BaselineConfig, *, command: str = "baseline", session: Session | None = None) -> BaselineRun:
+    """Evaluate and write the run; ``session`` reuses a loaded model and its windows (``esa run``)."""
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
     validate_data_config(config.data)
     timer = Timer()
     with timer.phase("load"):
-        session = open_session(config.model, config.data)
+        session = session or open_session(config.model, config.data)
     with timer.phase("evaluate"):
         result = evaluate(session.loaded.model, session.windows.input_ids, batch_size=config.data.batch_size,
                           description="baseline")

@@ -225,12 +225,13 @@ def prepare_perturb_dir(config: PerturbConfig) -> tuple[Path, bool]:
     return out_dir, False
 
 
-def run_perturb(config: PerturbConfig, *, command: str = "perturb") -> dict:
+def run_perturb(config: PerturbConfig, *, command: str = "perturb", session: Session | None = None) -> dict:
+    """Run (or resume) the trials and write the run; ``session`` reuses a loaded model (``esa run``)."""
     validate_perturb(config)
     out_dir, resuming = prepare_perturb_dir(config)
     timer = Timer()
     with timer.phase("load"):
-        session = open_for_selection(config.model, config.data, config.selection)
+        session = session or open_for_selection(config.model, config.data, config.selection)
     model = session.loaded.model
     params = dict(model.named_parameters())
     spec = spec_of(config)

@@ -1,0 +1,154 @@
+"""The runbook's evidence checklist, evaluated on run files: each criterion met / not met / not measured.
+
+Evidence that the selected weights are special (thresholds from the runbook):
+- effect ratio ΔPPL(super) / ΔPPL(random_k) > 2 (pooled ΔPPL over seeds, :mod:`esa.stats`);
+- the controls are ordered: ΔPPL(random_k) ≥ ΔPPL(bottom_k) (the least sensitive weights matter least);
+- super vs random_k significant, p < 0.05: across seeds (Welch) and per window (paired t-test);
+- top-k Jaccard across seeds > 0.3 (``--stability-check``);
+- cross-metric overlap@k > 50% (mean over pairs of profile runs with different metrics);
+- heavy-tailed scores: the tail is heavier than exponential (likelihood-ratio test of :mod:`esa.tailstats`);
+- sensible locations: under half of the top-k in embeddings / lm_head, and spread over more than one tensor.
+
+Technical checks: finite baseline and scores, baseline better than a uniform guess (not collapsed), no leak
+warning, no collapsed perturbation trial, every trial restored bit-exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from esa.evaluate import LEAK_ACCURACY, LEAK_PPL
+
+MET, NOT_MET, NOT_MEASURED = "met", "not met", "not measured"
+EFFECT_RATIO_MIN = 2.0
+P_MAX = 0.05
+JACCARD_MIN = 0.3
+OVERLAP_MIN = 0.5
+EDGE_SHARE_MAX = 0.5
+
+
+@dataclass
+class Criterion:
+    group: str  # "evidence" or "technical"
+    name: str
+    run: str  # label of the run the value comes from ("" for cross-run criteria)
+    value: float | bool | str | None
+    threshold: str
+    status: str
+    source: str  # file the value was read from, relative to the run
+    detail: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _status(ok: bool | None) -> str:
+    return NOT_MEASURED if ok is None else (MET if ok else NOT_MET)
+
+
+def perturb_criteria(label: str, results: dict) -> list[Criterion]:
+    src = "results.json"
+    kind = results.get("perturbation", {}).get("kind", "?")
+    conds = results.get("conditions", {})
+    tests = results.get("tests", {})
+    out = []
+
+    ratio = results.get("effect_ratio", {}).get("value")
+    ratio_ok = (ratio > EFFECT_RATIO_MIN) if (_finite(ratio) or ratio == math.inf) else None
+    out.append(Criterion("evidence", f"effect ratio ΔPPL(super)/ΔPPL(random_k)", label, ratio,
+                         f"> {EFFECT_RATIO_MIN:g}", _status(ratio_ok), src, results.get("effect_ratio", {}).get("note", "")))
+
+    dr, db = conds.get("random_k", {}).get("delta_ppl"), conds.get("bottom_k", {}).get("delta_ppl")
+    order_ok = (dr >= db) if _finite(dr) and _finite(db) else None
+    p_rb = tests.get("random_k_vs_bottom_k", {}).get("p_paired_t")
+    out.append(Criterion("evidence", f"ΔPPL(random_k) ≥ ΔPPL(bottom_k)", label,
+                         None if order_ok is None else f"{dr:.4g} vs {db:.4g}", "random_k ≥ bottom_k",
+                         _status(order_ok), src, "" if p_rb is None else f"paired t p = {p_rb:.3g}"))
+
+    sr = tests.get("super_vs_random_k", {})
+    welch = sr.get("across_seeds", {}).get("p_welch")
+    out.append(Criterion("evidence", f"super vs random_k across seeds, Welch p", label, welch,
+                         f"< {P_MAX:g}", _status(welch < P_MAX if _finite(welch) else None), src,
+                         sr.get("across_seeds", {}).get("note", "")))
+    paired = sr.get("p_paired_t")
+    out.append(Criterion("evidence", f"super vs random_k per window, paired t p", label, paired,
+                         f"< {P_MAX:g}", _status(paired < P_MAX if _finite(paired) else None), src, sr.get("note", "")))
+
+    if "stability" in results and results.get("source") != "from_profile":  # else the profile run reports it
+        out.append(jaccard_criterion(label, results["stability"].get("mean_jaccard"), src))
+
+    collapsed = sum(c.get("n_collapsed", 0) for c in conds.values())
+    trials = sum(c.get("n_trials", 0) for c in conds.values())
+    out.append(Criterion("technical", f"no collapsed trial (non-finite PPL)", label, collapsed,
+                         "= 0", _status(collapsed == 0), src, f"{collapsed} of {trials} trials"))
+    restored = results.get("restore_verified")
+    out.append(Criterion("technical", f"weights restored bit-exactly after every trial", label, restored,
+                         "true", _status(None if restored is None else bool(restored)), src))
+    return out
+
+
+def jaccard_criterion(label: str, mean_jaccard, source: str) -> Criterion:
+    return Criterion("evidence", "top-k Jaccard across seeds", label, mean_jaccard, f"> {JACCARD_MIN:g}",
+                     _status(mean_jaccard > JACCARD_MIN if _finite(mean_jaccard) else None), source)
+
+
+def profile_criteria(label: str, metrics: dict, stability: dict | None) -> list[Criterion]:
+    src = "metrics.json"
+    metric = metrics.get("metric", "?")
+    out = []
+    heavy = metrics.get("heavier_than_exponential")
+    alpha = metrics.get("hill_alpha")
+    detail = (f"best fit {metrics.get('best_tail_fit')}, Hill α {alpha:.3g}, excess kurtosis "
+              f"{metrics.get('excess_kurtosis', float('nan')):.3g}" if _finite(alpha) else
+              f"best fit {metrics.get('best_tail_fit')}")
+    out.append(Criterion("evidence", f"heavy-tailed scores", label, heavy, "tail heavier than exponential",
+                         _status(None if heavy is None else bool(heavy)), "score_stats.json", detail))
+    edge = metrics.get("topk_share_embed", 0.0) + metrics.get("topk_share_lm_head", 0.0)
+    tensors = metrics.get("tensors_with_topk")
+    spread_ok = None if tensors is None else (edge < EDGE_SHARE_MAX and tensors > 1)
+    out.append(Criterion("evidence", f"top-k not confined to embeddings or one tensor", label,
+                         f"{edge:.1%} in embed/lm_head, {tensors} tensors", f"< {EDGE_SHARE_MAX:.0%} and > 1 tensor",
+                         _status(spread_ok), "metrics.json",
+                         f"largest single tensor holds {metrics.get('largest_single_tensor_share', float('nan')):.1%}"))
+    if stability is not None:
+        out.append(jaccard_criterion(label, stability.get("mean_jaccard"), "stability.json"))
+    max_ratio = metrics.get("max_over_mean")
+    out.append(Criterion("technical", f"finite scores", label, max_ratio, "finite max/mean",
+                         _status(_finite(max_ratio)), src))
+    return out
+
+
+def overlap_criterion(comparison: dict | None) -> Criterion:
+    if comparison is None:
+        return Criterion("evidence", "cross-metric overlap@k", "", None, f"> {OVERLAP_MIN:.0%}", NOT_MEASURED, "",
+                         "needs profile runs of two or more metrics on one model (pass them all to esa report)")
+    value = comparison["mean_overlap_at_k"]
+    pairs = ", ".join(f"{p['a']}~{p['b']}: {p['overlap_at_k']:.2f}" for p in comparison["pairs"])
+    return Criterion("evidence", "cross-metric overlap@k (mean over pairs)", "", value, f"> {OVERLAP_MIN:.0%}",
+                     _status(value > OVERLAP_MIN if _finite(value) else None), "top_weights.csv", pairs)
+
+
+def baseline_criteria(label: str, metrics: dict) -> list[Criterion]:
+    src = "metrics.json"
+    ppl, uniform = metrics.get("ppl"), metrics.get("uniform_guess_ppl")
+    warnings = metrics.get("leak_warnings", [])
+    return [
+        Criterion("technical", "finite baseline loss", label, metrics.get("mean_nll"), "finite",
+                  _status(_finite(metrics.get("mean_nll"))), src),
+        Criterion("technical", "baseline not collapsed (PPL below uniform guess)", label, ppl,
+                  f"< {uniform}" if uniform else "< vocabulary size",
+                  _status(ppl < uniform if _finite(ppl) and uniform else None), src),
+        Criterion("technical", "baseline not leaky (no label-leak signature)", label,
+                  f"PPL {ppl:.4g}, accuracy {metrics.get('accuracy', float('nan')):.3f}" if _finite(ppl) else None,
+                  f"PPL ≥ {LEAK_PPL:g} and accuracy ≤ {LEAK_ACCURACY:g}", _status(not warnings), src, "; ".join(warnings)),
+    ]
+
+
+def summarize(criteria: list[Criterion]) -> dict:
+    counts = {s: sum(c.status == s for c in criteria) for s in (MET, NOT_MET, NOT_MEASURED)}
+    return {"criteria": [c.as_dict() for c in criteria], "counts": counts}

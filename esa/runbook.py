@@ -1,0 +1,143 @@
+"""The runbook in one command: baseline → profile → perturb (when asked) → report, into one out-dir.
+
+This is what ``esa run`` and the runbook's ``python phase1_runner_enhanced.py ...`` execute. It adds no
+computation of its own: every phase is the library function behind the matching ``esa`` command, run on one
+loaded model (loaded once), each into its own sub-directory::
+
+    OUT/baseline/   esa baseline          OUT/perturb/   esa perturb --from-profile OUT/profile
+    OUT/profile/    esa profile           OUT/report/    esa report OUT
+
+Rerunning the same command resumes: a phase whose directory holds a finished run with the same configuration
+is reused, an interrupted perturb run continues from its trials. A finished phase with another configuration is
+refused unless ``--overwrite`` is given.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from esa.config import BaselineConfig, DataConfig, ModelConfig, PerturbConfig, ProfileConfig, SelectionConfig, to_dict
+from esa.errors import EsaError
+from esa.runio import is_finished, read_json
+
+PHASES = ("baseline", "profile", "perturb", "report")
+
+
+@dataclass
+class RunbookConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    perturb: str | None = None  # None: no perturbation phase
+    perturb_scale: float = 1.0
+    perturb_prob: float = 1.0
+    bits: str = "any"
+    controls: list[str] = field(default_factory=lambda: ["random_k", "bottom_k"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    stability_check: bool = False
+    save_plots: bool = False
+    out_dir: str = "runs/runbook"
+    overwrite: bool = False
+
+
+def resolve_dataset(dataset: str, model: str | None, text_file: str | None) -> str:
+    """``auto``: the embedded text for the embedded model (or with ``--text-file``), WikiText-2 for any other."""
+    from esa.modeling import EMBEDDED_MODEL_ID
+
+    if dataset != "auto":
+        return dataset
+    return "embedded" if model in (None, EMBEDDED_MODEL_ID) or text_file else "wikitext2"
+
+
+def phase_configs(cfg: RunbookConfig) -> dict[str, object]:
+    """The configuration of each phase, as ``esa baseline/profile/perturb`` would receive it.
+
+    Every phase shares ``cfg.data`` (one object), so the sequence length chosen when the model is loaded is
+    the one all phases record.
+    """
+    out = Path(cfg.out_dir)
+    configs: dict[str, object] = {
+        "baseline": BaselineConfig(model=cfg.model, data=cfg.data, out_dir=str(out / "baseline"),
+                                   overwrite=cfg.overwrite),
+        "profile": ProfileConfig(model=cfg.model, data=cfg.data, selection=cfg.selection, seeds=cfg.seeds,
+                                 stability_check=cfg.stability_check, save_plots=cfg.save_plots,
+                                 out_dir=str(out / "profile"), overwrite=cfg.overwrite),
+    }
+    if cfg.perturb is not None:
+        configs["perturb"] = PerturbConfig(
+            model=cfg.model, data=cfg.data, selection=cfg.selection, perturb=cfg.perturb,
+            perturb_scale=cfg.perturb_scale, perturb_prob=cfg.perturb_prob, bits=cfg.bits, controls=cfg.controls,
+            seeds=cfg.seeds, from_profile=str(out / "profile"), stability_check=cfg.stability_check,
+            save_plots=cfg.save_plots, out_dir=str(out / "perturb"), overwrite=cfg.overwrite)
+    return configs
+
+
+def _comparable(config: dict) -> dict:
+    d = copy.deepcopy(config)
+    for key in ("overwrite", "save_plots", "out_dir", "from_profile"):
+        d.pop(key, None)
+    return d
+
+
+def same_finished_run(run_dir: Path, config: object) -> bool:
+    """True when ``run_dir`` holds a finished run of exactly ``config`` (paths and overwrite aside).
+
+    A sequence length left to the default (None) matches the one the finished run chose for the same model.
+    """
+    if not is_finished(run_dir) or not (run_dir / "config.json").exists():
+        return False
+    saved, mine = _comparable(read_json(run_dir / "config.json")), _comparable(to_dict(config))
+    if mine.get("data", {}).get("seq_len") is None and "seq_len" in saved.get("data", {}):
+        mine["data"]["seq_len"] = saved["data"]["seq_len"]
+    return saved == mine
+
+
+def plan(cfg: RunbookConfig) -> dict[str, str]:
+    """Per phase: "run" or "reuse" (refuses a finished phase with another configuration unless --overwrite)."""
+    decisions = {}
+    for name, config in phase_configs(cfg).items():
+        run_dir = Path(config.out_dir)
+        if not cfg.overwrite and same_finished_run(run_dir, config):
+            decisions[name] = "reuse"
+        elif not cfg.overwrite and is_finished(run_dir):
+            raise EsaError(f"{run_dir} holds a finished {name} run with another configuration; pass --overwrite to "
+                           "replace it or choose another --out-dir")
+        else:
+            decisions[name] = "run"
+    if decisions.get("profile") == "run" and decisions.get("perturb") == "reuse":
+        decisions["perturb"] = "run"  # its selection comes from the profile being redone
+    return decisions
+
+
+def run_runbook(cfg: RunbookConfig, *, announce: Callable[[str], None] = print) -> dict:
+    """Run (or reuse) every phase, then write the report; returns {phase: result dict or None}."""
+    from esa.baseline import run_baseline
+    from esa.profile import open_for_selection, run_profile, validate_profile
+    from esa.report import write_report
+    from esa.trials import run_perturb, validate_perturb
+
+    configs = phase_configs(cfg)
+    validate_profile(configs["profile"])
+    if "perturb" in configs:
+        validate_perturb(configs["perturb"])
+    decisions = plan(cfg)
+    results: dict[str, object] = {}
+    session = None
+    runners = {"baseline": run_baseline, "profile": run_profile, "perturb": run_perturb}
+    for name, config in configs.items():
+        if decisions[name] == "reuse":
+            announce(f"{name}: reusing the finished run in {config.out_dir}")
+            results[name] = None
+            continue
+        if session is None:
+            # One load for every phase; second-order metrics need the eager attention path.
+            session = open_for_selection(cfg.model, cfg.data, cfg.selection)
+        announce(f"{name}: running into {config.out_dir}")
+        results[name] = runners[name](config, session=session, command=f"run:{name}")
+    report_dir = Path(cfg.out_dir) / "report"
+    announce(f"report: writing {report_dir}")
+    results["report"] = write_report([Path(cfg.out_dir)], report_dir)
+    return results
