@@ -326,6 +326,7 @@ def report(
 
 
 def print_checklist(path: Path) -> None:
+    from esa.report.tables import fmt
     from esa.runio import read_json
 
     colour = {"met": "green", "not met": "red", "not measured": "dim"}
@@ -333,7 +334,7 @@ def print_checklist(path: Path) -> None:
     for col in ("criterion", "run", "measured", "threshold", "status"):
         table.add_column(col, justify="right" if col == "measured" else "left")
     for c in read_json(path)["criteria"]:
-        value = c["value"] if isinstance(c["value"], str) else _fmt(c["value"], 4) if c["value"] is not None else "—"
+        value = c["value"] if isinstance(c["value"], str) else fmt(c["value"])
         table.add_row(c["name"], c["run"] or "all", value, c["threshold"],
                       f"[{colour[c['status']]}]{c['status']}[/]")
     console.print(table)

@@ -111,6 +111,28 @@ def _short(exc: BaseException) -> str:
     return text[:240] + ("…" if len(text) > 240 else "")
 
 
+def _load_config(model: str | None, target: str, source: str, hub_kwargs: dict):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(target, **hub_kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        where = "the Hugging Face hub is unreachable or the id is wrong" if source == "hub" else "its config.json is unreadable"
+        raise EsaError(f"cannot load model {model or target!r} ({where}): {_short(e)}") from None
+
+
+def _max_positions(config) -> int | None:
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(value) if value else None
+
+
+def model_context(model: str | None, *, revision: str | None = None, trust_remote_code: bool = False) -> int | None:
+    """The model's context length from its config alone (no weights loaded); None when the config has none."""
+    target, source = _locate(model)
+    return _max_positions(_load_config(model, target, source,
+                                       {"revision": revision, "trust_remote_code": trust_remote_code}))
+
+
 def load_model(
     model: str | None = None,
     *,
@@ -125,7 +147,7 @@ def load_model(
     The model is put in eval mode (no dropout) with ``requires_grad`` off everywhere; scoring turns it on for
     the tensors it scores. Failures become one-line :class:`EsaError` messages.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     target, source = _locate(model)
@@ -133,11 +155,7 @@ def load_model(
     hub_kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    try:
-        config = AutoConfig.from_pretrained(target, **hub_kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        where = "the Hugging Face hub is unreachable or the id is wrong" if source == "hub" else "its config.json is unreadable"
-        raise EsaError(f"cannot load model {model or target!r} ({where}): {_short(e)}") from None
+    config = _load_config(model, target, source, hub_kwargs)
     torch_dtype = resolve_dtype(dtype, dev, _checkpoint_dtype(config))
     kwargs = dict(hub_kwargs, dtype=torch_dtype)
     if attn_implementation:
@@ -157,7 +175,7 @@ def load_model(
     net.to(dev)
     net.eval()
     net.requires_grad_(False)
-    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    max_positions = _max_positions(config)
     return LoadedModel(
         model=net,
         tokenizer=tokenizer,
@@ -166,7 +184,7 @@ def load_model(
         revision=revision,
         dtype=torch_dtype,
         device=dev,
-        max_positions=int(max_positions) if max_positions else None,
+        max_positions=max_positions,
     )
 
 

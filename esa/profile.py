@@ -32,7 +32,7 @@ from esa.scoring import ScoreSet, check_metric, compute_scores, needs_double_bac
 from esa.selection import MODES, WeightSet, jaccard, select_extreme
 from esa.session import Session, open_session, validate_data_config
 from esa.tensors import TensorInfo, select_tensors
-from esa.windows import seeded_subset
+from esa.windows import seeded_subset, stability_subset_size
 
 WEIGHTS_HEADER = ("rank", "tensor", "layer", "component", "expert", "row", "col", "flat_index", "score", "weight")
 STATS_COLUMNS = ("numel", "zeros", "mean", "std", "max", "max_over_mean", "q50", "q90", "q99", "q999", "gini",
@@ -217,7 +217,7 @@ def read_ccdf(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def stability(session: Session, config: ProfileConfig) -> tuple[dict, dict[int, Selection]]:
     """Top-k from seeded subsets of the evaluation windows (a fraction of them each) and their pairwise Jaccard."""
     n = session.windows.n
-    size = max(1, int(round(config.stability_fraction * n)))
+    size = stability_subset_size(n, config.stability_fraction)
     sets: dict[int, Selection] = {}
     subsets = {}
     for s in config.seeds:

@@ -83,22 +83,31 @@ def _comparable(config: dict) -> dict:
 
 
 def same_finished_run(run_dir: Path, config: object) -> bool:
-    """True when ``run_dir`` holds a finished run of exactly ``config`` (paths and overwrite aside).
-
-    A sequence length left to the default (None) matches the one the finished run chose for the same model.
-    """
+    """True when ``run_dir`` holds a finished run of exactly ``config`` (paths, plots and overwrite aside)."""
     if not is_finished(run_dir) or not (run_dir / "config.json").exists():
         return False
-    saved, mine = _comparable(read_json(run_dir / "config.json")), _comparable(to_dict(config))
-    if mine.get("data", {}).get("seq_len") is None and "seq_len" in saved.get("data", {}):
-        mine["data"]["seq_len"] = saved["data"]["seq_len"]
-    return saved == mine
+    return _comparable(read_json(run_dir / "config.json")) == _comparable(to_dict(config))
 
 
-def plan(cfg: RunbookConfig) -> dict[str, str]:
-    """Per phase: "run" or "reuse" (refuses a finished phase with another configuration unless --overwrite)."""
+def resolve(cfg: RunbookConfig) -> None:
+    """Fill in what loading the model would decide, so that a rerun compares like with like before loading it:
+    the default sequence length (from the model's config) and eager attention for second-order metrics."""
+    from esa.modeling import model_context
+    from esa.scoring import needs_double_backward
+    from esa.windows import default_seq_len
+
+    if needs_double_backward(cfg.selection.metric) and not cfg.model.attn_implementation:
+        cfg.model.attn_implementation = "eager"  # double backward needs the plain attention path
+    if cfg.data.seq_len is None:
+        cfg.data.seq_len = default_seq_len(model_context(cfg.model.model, revision=cfg.model.revision,
+                                                         trust_remote_code=cfg.model.trust_remote_code))
+
+
+def plan(cfg: RunbookConfig, configs: dict[str, object]) -> dict[str, str]:
+    """Per phase: "run", "reuse", or "redo" (a finished perturb run whose profile is being redone: its selection
+    is stale, so it is replaced). A finished phase with another configuration is refused unless --overwrite."""
     decisions = {}
-    for name, config in phase_configs(cfg).items():
+    for name, config in configs.items():
         run_dir = Path(config.out_dir)
         if not cfg.overwrite and same_finished_run(run_dir, config):
             decisions[name] = "reuse"
@@ -108,7 +117,7 @@ def plan(cfg: RunbookConfig) -> dict[str, str]:
         else:
             decisions[name] = "run"
     if decisions.get("profile") == "run" and decisions.get("perturb") == "reuse":
-        decisions["perturb"] = "run"  # its selection comes from the profile being redone
+        decisions["perturb"] = "redo"
     return decisions
 
 
@@ -119,25 +128,31 @@ def run_runbook(cfg: RunbookConfig, *, announce: Callable[[str], None] = print) 
     from esa.report import write_report
     from esa.trials import run_perturb, validate_perturb
 
+    resolve(cfg)
     configs = phase_configs(cfg)
     validate_profile(configs["profile"])
     if "perturb" in configs:
         validate_perturb(configs["perturb"])
-    decisions = plan(cfg)
+    decisions = plan(cfg, configs)
     results: dict[str, object] = {}
     session = None
     runners = {"baseline": run_baseline, "profile": run_profile, "perturb": run_perturb}
     for name, config in configs.items():
         if decisions[name] == "reuse":
-            announce(f"{name}: reusing the finished run in {config.out_dir}")
+            plots = Path(config.out_dir) / "plots"
+            missing_plots = getattr(config, "save_plots", False) and not plots.exists()
+            announce(f"{name}: reusing the finished run in {config.out_dir}"
+                     + (" (it has no plots; pass --overwrite to redo it with them)" if missing_plots else ""))
             results[name] = None
             continue
+        if decisions[name] == "redo":
+            announce(f"{name}: the profile is being redone, so its finished run in {config.out_dir} is replaced")
+            config.overwrite = True
         if session is None:
-            # One load for every phase; second-order metrics need the eager attention path.
-            session = open_for_selection(cfg.model, cfg.data, cfg.selection)
+            session = open_for_selection(cfg.model, cfg.data, cfg.selection)  # one load for every phase
         announce(f"{name}: running into {config.out_dir}")
         results[name] = runners[name](config, session=session, command=f"run:{name}")
     report_dir = Path(cfg.out_dir) / "report"
     announce(f"report: writing {report_dir}")
-    results["report"] = write_report([Path(cfg.out_dir)], report_dir)
+    results["report"] = write_report([Path(c.out_dir) for c in configs.values()], report_dir)
     return results

@@ -41,7 +41,7 @@ from esa.runio import (MANIFEST, append_jsonl, atomic_write_json, clear_run_file
 from esa.selection import WeightSet, jaccard, select_random
 from esa.session import Session, validate_data_config
 from esa.tensors import TensorInfo, describe_parameters, select_tensors
-from esa.windows import seeded_subset
+from esa.windows import seeded_subset, stability_subset_size
 
 CONTROLS = ("random_k", "bottom_k")
 TRIALS = "trials.jsonl"
@@ -152,7 +152,7 @@ def build_sets(config: PerturbConfig, session: Session) -> tuple[dict[int, dict[
     elif config.stability_check:
         tops, bottoms = {}, {}
         n = session.windows.n
-        size = max(1, int(round(config.stability_fraction * n)))
+        size = stability_subset_size(n, config.stability_fraction)
         for s in config.seeds:
             positions = seeded_subset(n, size, s)
             chosen, _ = score_and_select(session, sel, session.windows.input_ids[positions],
@@ -324,5 +324,8 @@ def summarize(config: PerturbConfig, done: dict, sets: dict, conditions: list[st
                  for j, b in enumerate(config.seeds) if i < j}
         out["stability"] = {"pairwise_jaccard": pairs,
                             "mean_jaccard": float(np.mean(list(pairs.values())))}
+        n_windows = len(base["window_nll"])
+        if not config.from_profile and stability_subset_size(n_windows, config.stability_fraction) == n_windows:
+            out["stability"]["warning"] = "every seed used all windows (too few windows): Jaccard is trivially 1"
     out["restore_verified"] = True
     return out

@@ -74,6 +74,12 @@ def seeded_subset(n_available: int, n: int, seed: int) -> list[int]:
     return sorted(torch.randperm(n_available, generator=g)[:n].tolist())
 
 
+def stability_subset_size(n_windows: int, fraction: float) -> int:
+    """Windows each stability seed scores on: round(fraction · n), at least 1. Equal to n means every seed sees
+    the same windows, so their top-k sets agree trivially."""
+    return max(1, int(round(fraction * n_windows)))
+
+
 def make_windows(
     token_ids: torch.Tensor,
     seq_len: int,

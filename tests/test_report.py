@@ -40,9 +40,9 @@ def test_perturb_criteria_thresholds():
     assert status(bad, "super vs random_k across seeds") == cl.NOT_MET
     assert status(bad, "super vs random_k per window") == cl.NOT_MET
     assert status(bad, "no collapsed trial") == cl.NOT_MET
-    # Exactly at the threshold is not "> 2"; infinite (random_k harmless) is; NaN cannot be judged.
+    # Exactly at the threshold is not "> 2"; a ratio that cannot be computed cannot be judged (an infinite one:
+    # see test_effect_ratio_when_random_k_does_not_raise_ppl).
     assert status(cl.perturb_criteria("r", perturb_results(2.0)), "effect ratio") == cl.NOT_MET
-    assert status(cl.perturb_criteria("r", perturb_results(math.inf)), "effect ratio") == cl.MET
     assert status(cl.perturb_criteria("r", perturb_results(math.nan, p_welch=math.nan)),
                   "effect ratio") == cl.NOT_MEASURED
     assert status(cl.perturb_criteria("r", perturb_results(3.0, p_welch=math.nan)),
@@ -74,7 +74,6 @@ def test_profile_and_baseline_criteria():
 
 
 def test_overlap_criterion():
-    assert cl.overlap_criterion(None).status == cl.NOT_MEASURED
     cmp = {"mean_overlap_at_k": 0.62, "pairs": [{"a": "x", "b": "y", "overlap_at_k": 0.62}]}
     assert cl.overlap_criterion(cmp).status == cl.MET
     assert cl.overlap_criterion(dict(cmp, mean_overlap_at_k=0.5)).status == cl.NOT_MET
@@ -86,6 +85,7 @@ def test_table_rendering_escapes():
     assert "a\\|b" in md and "1.200e-04" in md and "∞" in md
     tex = to_latex(t)
     assert r"$\Delta$PPL \& co" in tex and r"name\_x" in tex and r"50\%" in tex and r"$\infty$" in tex
+    assert latex_escape("p < 0.05, ratio > 2") == r"p $<$ 0.05, ratio $>$ 2"
     assert r"\label{tab:t_1}" in tex and r"\toprule" in tex
     assert latex_escape("{x}~^\\") == r"\{x\}\textasciitilde{}\textasciicircum{}\textbackslash{}"
     assert fmt(None) == "—" and fmt(float("nan")) == "n/a" and fmt(True) == "yes" and fmt(12345) == "12,345"
@@ -106,3 +106,73 @@ def test_report_bad_input_is_one_line(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "no finished run" in result.output and "unfinished" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_effect_ratio_when_random_k_does_not_raise_ppl():
+    def results(d_super, ci_super, d_random, ratio):
+        r = perturb_results(ratio, d_random=d_random)
+        r["conditions"]["super"].update(delta_ppl=d_super, ci95_delta_ppl=ci_super)
+        return r
+
+    # random_k harmless: the ratio is infinite; it counts only if super's own CI excludes zero.
+    assert status(cl.perturb_criteria("r", results(3.4, [0.5, 6.0], -0.1, math.inf)), "effect ratio") == cl.MET
+    assert status(cl.perturb_criteria("r", results(3.4, [-0.3, 5.7], -0.1, math.inf)), "effect ratio") == cl.NOT_MET
+    # Neither raised PPL: the ratio is undefined, and the criterion is plainly not met.
+    assert status(cl.perturb_criteria("r", results(-0.2, [-0.4, 0.0], -0.1, math.nan)), "effect ratio") == cl.NOT_MET
+    # super collapsed (infinite ΔPPL) while random_k stayed finite.
+    assert status(cl.perturb_criteria("r", results(math.inf, None, 0.3, math.inf)), "effect ratio") == cl.MET
+
+
+def test_control_ordering_with_a_collapsed_control():
+    collapsed_bottom = perturb_results(10.0, d_random=0.5, d_bottom=math.inf)
+    assert status(cl.perturb_criteria("r", collapsed_bottom), "ΔPPL(random_k)") == cl.NOT_MET
+    collapsed_random = perturb_results(10.0, d_random=math.inf, d_bottom=0.1)
+    assert status(cl.perturb_criteria("r", collapsed_random), "ΔPPL(random_k)") == cl.MET
+    no_bottom = perturb_results(10.0)
+    del no_bottom["conditions"]["bottom_k"]
+    assert status(cl.perturb_criteria("r", no_bottom), "ΔPPL(random_k)") == cl.NOT_MEASURED
+
+
+def test_trivial_jaccard_and_missing_criteria_are_not_measured():
+    trivial = cl.jaccard_criterion("p", {"mean_jaccard": 1.0, "warning": "every seed used all windows"}, "s")
+    assert trivial.status == cl.NOT_MEASURED and "every seed" in trivial.detail
+    present = cl.perturb_criteria("r", perturb_results(10.0))
+    missing = {c.name: c for c in cl.not_measured(present)}
+    assert set(missing) == {cl.JACCARD, cl.OVERLAP, cl.HEAVY, cl.SPREAD}
+    assert all(c.status == cl.NOT_MEASURED and c.detail.startswith("needs") for c in missing.values())
+
+
+def fake_baseline_run(run_dir, ppl=10.0):
+    run_dir.mkdir(parents=True)
+    (run_dir / "window_nll.csv").write_text("window,nll\n0,1.0\n")
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "metrics.json").write_text(json.dumps({"ppl": ppl, "mean_nll": math.log(ppl), "accuracy": 0.3,
+                                                      "uniform_guess_ppl": 256, "leak_warnings": []}))
+    (run_dir / "experiment_manifest.json").write_text(json.dumps({"status": "complete", "model": {"model_id": "m"}}))
+
+
+def test_collect_labels_and_keys_are_unique(tmp_path, monkeypatch):
+    from esa.report.collect import collect
+
+    for name in ("x-y", "x_y"):
+        fake_baseline_run(tmp_path / "runs" / name)
+    col = collect([tmp_path / "runs"])
+    assert [r.label for r in col.runs] == ["runs/x-y", "runs/x_y"]
+    assert len({r.key for r in col.runs}) == 2
+    monkeypatch.chdir(tmp_path / "runs" / "x-y")
+    assert collect(["."]).runs[0].label == "x-y"
+    # The same directory twice is read once; two directories of one name keep distinct labels.
+    fake_baseline_run(tmp_path / "a" / "base")
+    fake_baseline_run(tmp_path / "b" / "base")
+    labels = [r.label for r in collect([tmp_path / "a" / "base", tmp_path / "b" / "base", tmp_path / "a" / "base"]).runs]
+    assert labels == ["base", "base (2)"]
+
+
+def test_report_of_baselines_only_marks_every_evidence_row_not_measured(tmp_path):
+    fake_baseline_run(tmp_path / "b")
+    result = runner.invoke(app, ["report", str(tmp_path / "b"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "out" / "checklist.json").read_text())["criteria"]
+    evidence = [r for r in rows if r["group"] == "evidence"]
+    assert {r["name"] for r in evidence} == set(cl.NEEDS) and all(r["status"] == cl.NOT_MEASURED for r in evidence)
+    assert [r["status"] for r in rows if r["group"] == "technical"] == [cl.MET] * 3

@@ -122,19 +122,30 @@ def test_every_command_writes_every_promised_file(nine):
         assert "evidence checklist" in stdout
 
 
-def test_rerun_reuses_finished_phases_and_a_changed_flag_is_refused(nine):
+def test_rerun_reuses_finished_phases_and_a_changed_flag_is_refused(nine, tmp_path):
     _, done = nine
+    for argv, _ in done:  # every experiment, hutchinson_diag (eager attention) and default seq_len included
+        trials = out_dir_of(argv) / "perturb" / "trials.jsonl"
+        before = trials.read_text() if trials.exists() else None
+        again = run_runner(argv)
+        assert again.returncode == 0, (argv, again.stderr)
+        assert again.stdout.count("reusing the finished run") == (3 if "--perturb" in argv else 2), again.stdout
+        assert (trials.read_text() if trials.exists() else None) == before
     argv = next(a for a, _ in done if "--perturb" in a)
-    trials_before = (out_dir_of(argv) / "perturb" / "trials.jsonl").read_text()
-    again = run_runner(argv)
-    assert again.returncode == 0, again.stderr
-    assert again.stdout.count("reusing the finished run") == 3
-    assert (out_dir_of(argv) / "perturb" / "trials.jsonl").read_text() == trials_before
     changed = list(argv)
     changed[changed.index("--topk") + 1] = "9"
     refused = run_runner(changed)
     assert refused.returncode == 2 and "another configuration" in refused.stderr
     assert "Traceback" not in refused.stderr
+    # Without --perturb, the report of an out-dir leaves out a perturb run left there by an earlier command.
+    copy = tmp_path / "copy"
+    shutil.copytree(out_dir_of(argv), copy)
+    without = argv[:argv.index("--perturb")]
+    without[without.index("--out-dir") + 1] = str(copy)
+    result = run_runner(without)
+    assert result.returncode == 0, result.stderr
+    kinds = [r["kind"] for r in json.loads((copy / "report" / "report.json").read_text())["runs"]]
+    assert kinds == ["baseline", "profile"]
 
 
 def same(a, b) -> bool:
@@ -173,16 +184,25 @@ def test_report_over_all_nine_matches_the_run_files(nine, tmp_path):
         base = json.loads((d / "baseline" / "metrics.json").read_text())
         assert by_name[("finite baseline loss", f"{d.name}/baseline")]["value"] == base["mean_nll"]
 
-    # Cross-metric overlap, recomputed here from the top_weights.csv files of runs with different metrics.
+    # Cross-metric overlap, recomputed here from the top_weights.csv files: runs with the same mode, k, windows
+    # and tensors; one run per metric (the first by name), as the report's protocol says.
     def top_set(d):
         with open(d / "profile" / "top_weights.csv", newline="") as f:
             return {(r["tensor"], int(r["flat_index"])) for r in csv.DictReader(f)}
 
-    profiles = [(json.loads((out_dir_of(a) / "profile" / "metrics.json").read_text())["metric"], out_dir_of(a))
-                for a, _ in done]
-    overlaps = [len(top_set(da) & top_set(db)) / min(len(top_set(da)), len(top_set(db)))
-                for i, (ma, da) in enumerate(profiles) for mb, db in profiles[i + 1:] if ma != mb]
-    overlap = next(c for c in checklist["criteria"] if c["name"].startswith("cross-metric overlap"))
+    def setting(argv):
+        return tuple(argv[argv.index(f) + 1] if f in argv else None
+                     for f in ("--mode", "--topk", "--max-samples", "--include"))
+
+    groups: dict = {}
+    for argv, _ in sorted(done, key=lambda a: out_dir_of(a[0]).name):
+        metric = argv[argv.index("--metric") + 1]
+        groups.setdefault(setting(argv), {}).setdefault(metric, out_dir_of(argv))
+    chosen = list(max(groups.values(), key=len).values())
+    assert len(chosen) == 3  # grad_x_weight, grad_squared and act_mag, global, 6 windows, every tensor
+    overlaps = [len(top_set(a) & top_set(b)) / min(len(top_set(a)), len(top_set(b)))
+                for i, a in enumerate(chosen) for b in chosen[i + 1:]]
+    overlap = next(c for c in checklist["criteria"] if c["name"] == "cross-metric overlap@k")
     assert overlap["status"] != "not measured"
     assert overlap["value"] == pytest.approx(sum(overlaps) / len(overlaps), rel=1e-12)
 
@@ -221,7 +241,7 @@ def test_report_html_is_self_contained_and_markdown_links_resolve(nine, tmp_path
 
 def test_report_after_the_runs_moved_to_another_machine(nine, tmp_path):
     root, done = nine
-    dirs = [out_dir_of(a) for a, _ in done[5:]]
+    dirs = [out_dir_of(a) for a, _ in done]
     original = CliRunner().invoke(app, ["report", *map(str, dirs), "--out", str(tmp_path / "here")])
     assert original.exit_code == 0, original.output
     moved_root = tmp_path / "elsewhere" / "copied_runs"
@@ -234,6 +254,9 @@ def test_report_after_the_runs_moved_to_another_machine(nine, tmp_path):
     finally:
         hidden.rename(root)
     assert moved.exit_code == 0, moved.output
-    a = json.loads((tmp_path / "here" / "checklist.json").read_text())
-    b = json.loads((tmp_path / "there" / "checklist.json").read_text())
-    assert a == b
+    for name in ("checklist.json", "report.json"):
+        a = json.loads((tmp_path / "here" / name).read_text())
+        b = json.loads((tmp_path / "there" / name).read_text())
+        assert a == b, name
+    assert json.loads((tmp_path / "there" / "report.json").read_text())["comparison"] is not None
+    assert str(tmp_path) not in (tmp_path / "there" / "report.json").read_text()

@@ -4,7 +4,7 @@ Written into ``--out`` (atomically, file by file):
 - ``report.html``: self-contained (figures embedded as PNG data), for a browser;
 - ``report.md`` with ``figures/*.png`` beside it, for a repository or a notebook;
 - ``figures/*.png`` and ``figures/*.pdf`` (vector, for a paper);
-- ``tables.tex``: every table as a LaTeX ``table`` (needs ``\\usepackage{booktabs}``);
+- ``tables.tex``: every table as a LaTeX ``table`` (needs ``\\usepackage{booktabs,graphicx}``);
 - ``checklist.json``: the evidence checklist (:mod:`esa.report.checklist`) with each measured value;
 - ``report.json``: the runs read, the cross-metric comparison and the checklist counts.
 """
@@ -24,46 +24,55 @@ from esa.runio import atomic_write_json, atomic_write_text, read_csv_rows
 
 
 # ----------------------------------------------------------------------------------------------- analysis
+def _comparable_selection(run: Run) -> str:
+    """What must be equal for two profile runs' top-k sets to be compared: the model, the data, and every
+    selection setting except the metric (mode, k, tensors)."""
+    import json
+
+    sel = {k: v for k, v in run.config.get("selection", {}).items() if k != "metric"}
+    return json.dumps([run.model_id, run.config.get("data"), sel], sort_keys=True, default=str)
+
+
 def cross_metric(profiles: list[Run]) -> dict | None:
-    """compare_runs over the profile runs of the model with the most metrics; None when fewer than two metrics."""
+    """Agreement of the top-k sets of different metrics (esa.compare), over comparable runs only.
+
+    Profile runs are grouped by model, data and selection settings other than the metric; the group with the
+    most metrics is compared, one run per metric (the first by label), so repeated runs of one metric do not
+    weigh the mean. None when no group has two metrics.
+    """
     from esa.compare import compare_runs
 
-    by_model: dict[str | None, list[Run]] = defaultdict(list)
-    for r in profiles:
-        by_model[r.model_id].append(r)
-    best = max(by_model.values(), key=lambda rs: len({r.data.get("metric") for r in rs}), default=[])
-    if len({r.data.get("metric") for r in best}) < 2:
+    groups: dict[str, dict[str, Run]] = defaultdict(dict)
+    for r in sorted(profiles, key=lambda r: r.label):
+        groups[_comparable_selection(r)].setdefault(r.data.get("metric"), r)
+    best = max(groups.values(), key=len, default={})
+    if len(best) < 2:
         return None
-    result = compare_runs([r.dir for r in best])
-    metric_of = {str(r.dir): r.data.get("metric") for r in best}
-    label_of = {str(r.dir): r.label for r in best}
+    runs = list(best.values())
+    result = compare_runs([r.dir for r in runs])
+    label_of = {str(r.dir): r.label for r in runs}
     for p in result["pairs"]:
-        p["cross_metric"] = metric_of[p["a_dir"]] != metric_of[p["b_dir"]]
-        p["a"], p["b"] = label_of[p["a_dir"]], label_of[p["b_dir"]]
-        del p["a_dir"], p["b_dir"]  # absolute paths of this machine: not part of a portable report
-    cross = [p for p in result["pairs"] if p["cross_metric"]]
-    result["labels"] = [label_of[str(r.dir)] for r in best]
-    result["pairs"] = cross
-    result["mean_overlap_at_k"] = sum(p["overlap_at_k"] for p in cross) / len(cross)
+        p["a"], p["b"] = label_of[p.pop("a_dir")], label_of[p.pop("b_dir")]  # no machine-specific paths
     for r in result["runs"]:
         r["dir"] = label_of[r["dir"]]
+    result["labels"] = [r.label for r in runs]
     return result
 
 
 def evaluate_checklist(col: Collection, comparison: dict | None) -> list[cl.Criterion]:
+    """Every criterion the runs provide, then a "not measured" row for each one none of them does."""
     criteria: list[cl.Criterion] = []
     for r in col.of("perturb"):
         criteria += cl.perturb_criteria(r.label, r.data)
-    criteria.append(cl.overlap_criterion(comparison))
+    if comparison is not None:
+        criteria.append(cl.overlap_criterion(comparison))
     for r in col.of("profile"):
         criteria += cl.profile_criteria(r.label, r.data, r.stability)
     for r in col.of("baseline"):
         criteria += cl.baseline_criteria(r.label, r.data)
-    if not col.of("perturb"):
-        criteria.insert(0, cl.Criterion("evidence", "effect ratio ΔPPL(super)/ΔPPL(random_k)", "", None,
-                                        f"> {cl.EFFECT_RATIO_MIN:g}", cl.NOT_MEASURED, "",
-                                        "no perturb run given (run esa perturb)"))
-    evidence = [c for c in criteria if c.group == "evidence"]
+    criteria += cl.not_measured(criteria)
+    order = list(cl.NEEDS)
+    evidence = sorted((c for c in criteria if c.group == "evidence"), key=lambda c: order.index(c.name))
     technical = [c for c in criteria if c.group == "technical"]
     return evidence + technical
 
@@ -102,7 +111,7 @@ def tail_table(runs: list[Run]) -> Table:
 def top_weights_table(run: Run, n: int = 10) -> Table:
     rows = [[r["rank"], r["tensor"], r["layer"], r["component"], r["row"], r["col"], fmt(float(r["score"])),
              fmt(float(r["weight"]))] for r in read_csv_rows(run.dir / "top_weights.csv")[:n]]
-    return Table(f"top_{_key(run.label)}", f"Top {len(rows)} weights — {run.label} ({run.data.get('metric')}, "
+    return Table(f"top_{run.key}", f"Top {len(rows)} weights — {run.label} ({run.data.get('metric')}, "
                  f"{run.data.get('mode')})", ["rank", "tensor", "layer", "component", "row", "col", "score", "weight"],
                  rows, align=["r", "l", "r", "l", "r", "r", "r", "r"])
 
@@ -186,14 +195,10 @@ def environment_table(col: Collection) -> Table:
                      f"{str(git.get('sha'))[:10]}{' (dirty)' if git.get('dirty') else ''}",
                      str(m.get("packages", {}).get("torch")), str(m.get("packages", {}).get("transformers")),
                      device, str(kernels.get("backend", kernels.get("ESA_KERNELS", "—"))),
-                     fmt(sum(m.get("timings_s", {}).values()) if m.get("timings_s") else None)])
+                     fmt(m.get("timings_s", {}).get("total"))])
     return Table("environment", "Environment (from each run's experiment_manifest.json)",
                  ["run", "command", "created (UTC)", "git", "torch", "transformers", "device", "kernels", "seconds"],
                  rows, align=["l"] * 8 + ["r"])
-
-
-def _key(label: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in label).strip("_")
 
 
 # ----------------------------------------------------------------------------------------------- figures
@@ -204,7 +209,7 @@ def make_figures(col: Collection, comparison: dict | None, fig_dir: Path) -> lis
 
     figures: list[tuple[str, Path]] = []
     for r in col.of("profile"):
-        key, metric = _key(r.label), r.data.get("metric", "score")
+        key, metric = r.key, r.data.get("metric", "score")
         if (r.dir / "ccdf.csv").exists():
             plots.plot_ccdf(read_ccdf(r.dir / "ccdf.csv"), metric, fig_dir / f"ccdf_{key}")
             figures.append((f"Score CCDF per component — {r.label} ({metric})", fig_dir / f"ccdf_{key}.png"))
@@ -221,7 +226,7 @@ def make_figures(col: Collection, comparison: dict | None, fig_dir: Path) -> lis
                           fig_dir / "overlap_matrix")
         figures.append(("Cross-metric overlap@k matrix", fig_dir / "overlap_matrix.png"))
     for r in col.of("perturb"):
-        key = _key(r.label)
+        key = r.key
         plots.plot_delta_ppl(r.data, fig_dir / f"delta_ppl_{key}")
         figures.append((f"ΔPPL per condition with 95% CI and per-seed points — {r.label}",
                         fig_dir / f"delta_ppl_{key}.png"))
@@ -298,7 +303,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> dict:
     criteria = evaluate_checklist(col, comparison)
     sections = _sections(col, comparison, criteria)
     figures = make_figures(col, comparison, out_dir / "figures")
-    atomic_write_text(out_dir / "tables.tex", "% esa report tables; needs \\usepackage{booktabs}\n\n"
+    atomic_write_text(out_dir / "tables.tex", "% esa report tables; needs \\usepackage{booktabs,graphicx}\n\n"
                       + "\n".join(to_latex(t) for _, tables in sections for t in tables))
     atomic_write_json(out_dir / "checklist.json", cl.summarize(criteria))
     atomic_write_text(out_dir / "report.md", render_markdown(sections, figures, criteria, col, out_dir))

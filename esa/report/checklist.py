@@ -51,50 +51,99 @@ def _status(ok: bool | None) -> str:
     return NOT_MEASURED if ok is None else (MET if ok else NOT_MET)
 
 
+EFFECT = "effect ratio ΔPPL(super)/ΔPPL(random_k)"
+ORDER = "ΔPPL(random_k) ≥ ΔPPL(bottom_k)"
+WELCH = "super vs random_k across seeds, Welch p"
+PAIRED = "super vs random_k per window, paired t p"
+JACCARD = "top-k Jaccard across seeds"
+OVERLAP = "cross-metric overlap@k"
+HEAVY = "heavy-tailed scores"
+SPREAD = "top-k not confined to embeddings or one tensor"
+# Where each evidence criterion comes from, for the "not measured" row when no run provides it.
+NEEDS = {EFFECT: "a perturb run with random_k", ORDER: "a perturb run with random_k and bottom_k",
+         WELCH: "a perturb run with random_k over two or more seeds", PAIRED: "a perturb run with random_k",
+         JACCARD: "a run with --stability-check", OVERLAP: "profile runs of two or more metrics on one model "
+         "with the same mode, k, data and tensors (pass them all to esa report)", HEAVY: "a profile run",
+         SPREAD: "a profile run"}
+
+
+def _positive_or_inf(x) -> bool:
+    return x == math.inf or _finite(x)
+
+
+def effect_ratio_status(results: dict) -> tuple[bool | None, str]:
+    """Is ΔPPL(super) more than twice ΔPPL(random_k)?
+
+    When random_k did not raise PPL the ratio is infinite or undefined; the criterion then holds only if super
+    did raise it beyond noise (the lower end of its 95% CI above 0), and fails if super did not raise it either.
+    """
+    conds = results.get("conditions", {})
+    if "super" not in conds or "random_k" not in conds:
+        return None, ""
+    ratio = results.get("effect_ratio", {}).get("value")
+    note = results.get("effect_ratio", {}).get("note", "")
+    ds, dr = conds["super"].get("delta_ppl"), conds["random_k"].get("delta_ppl")
+    if _finite(ratio):
+        return ratio > EFFECT_RATIO_MIN, note
+    if ds == math.inf and _finite(dr):
+        return True, note or "super collapsed, random_k did not"
+    if _finite(ds) and _finite(dr) and dr <= 0:
+        if ds <= 0:
+            return False, "neither super nor random_k raised PPL"
+        lower = (conds["super"].get("ci95_delta_ppl") or [float("nan")])[0]
+        return (lower > 0 if _finite(lower) else None), f"random_k did not raise PPL; super ΔPPL CI lower end {lower:.3g}"
+    return None, note
+
+
 def perturb_criteria(label: str, results: dict) -> list[Criterion]:
     src = "results.json"
-    kind = results.get("perturbation", {}).get("kind", "?")
     conds = results.get("conditions", {})
     tests = results.get("tests", {})
     out = []
 
     ratio = results.get("effect_ratio", {}).get("value")
-    ratio_ok = (ratio > EFFECT_RATIO_MIN) if (_finite(ratio) or ratio == math.inf) else None
-    out.append(Criterion("evidence", f"effect ratio ΔPPL(super)/ΔPPL(random_k)", label, ratio,
-                         f"> {EFFECT_RATIO_MIN:g}", _status(ratio_ok), src, results.get("effect_ratio", {}).get("note", "")))
+    ok, note = effect_ratio_status(results)
+    out.append(Criterion("evidence", EFFECT, label, ratio, f"> {EFFECT_RATIO_MIN:g}", _status(ok), src, note))
 
     dr, db = conds.get("random_k", {}).get("delta_ppl"), conds.get("bottom_k", {}).get("delta_ppl")
-    order_ok = (dr >= db) if _finite(dr) and _finite(db) else None
+    order_ok = None
+    if _positive_or_inf(dr) and _positive_or_inf(db) and not (dr == math.inf and db == math.inf):
+        order_ok = dr >= db  # a collapsed (infinite) control counts as the larger
     p_rb = tests.get("random_k_vs_bottom_k", {}).get("p_paired_t")
-    out.append(Criterion("evidence", f"ΔPPL(random_k) ≥ ΔPPL(bottom_k)", label,
-                         None if order_ok is None else f"{dr:.4g} vs {db:.4g}", "random_k ≥ bottom_k",
-                         _status(order_ok), src, "" if p_rb is None else f"paired t p = {p_rb:.3g}"))
+    out.append(Criterion("evidence", ORDER, label, None if order_ok is None else f"{dr:.4g} vs {db:.4g}",
+                         "random_k ≥ bottom_k", _status(order_ok), src,
+                         "" if p_rb is None else f"paired t p = {p_rb:.3g}"))
 
     sr = tests.get("super_vs_random_k", {})
     welch = sr.get("across_seeds", {}).get("p_welch")
-    out.append(Criterion("evidence", f"super vs random_k across seeds, Welch p", label, welch,
+    out.append(Criterion("evidence", WELCH, label, welch,
                          f"< {P_MAX:g}", _status(welch < P_MAX if _finite(welch) else None), src,
                          sr.get("across_seeds", {}).get("note", "")))
     paired = sr.get("p_paired_t")
-    out.append(Criterion("evidence", f"super vs random_k per window, paired t p", label, paired,
+    out.append(Criterion("evidence", PAIRED, label, paired,
                          f"< {P_MAX:g}", _status(paired < P_MAX if _finite(paired) else None), src, sr.get("note", "")))
 
     if "stability" in results and results.get("source") != "from_profile":  # else the profile run reports it
-        out.append(jaccard_criterion(label, results["stability"].get("mean_jaccard"), src))
+        out.append(jaccard_criterion(label, results["stability"], src))
 
     collapsed = sum(c.get("n_collapsed", 0) for c in conds.values())
     trials = sum(c.get("n_trials", 0) for c in conds.values())
-    out.append(Criterion("technical", f"no collapsed trial (non-finite PPL)", label, collapsed,
+    out.append(Criterion("technical", "no collapsed trial (non-finite PPL)", label, collapsed,
                          "= 0", _status(collapsed == 0), src, f"{collapsed} of {trials} trials"))
     restored = results.get("restore_verified")
-    out.append(Criterion("technical", f"weights restored bit-exactly after every trial", label, restored,
+    out.append(Criterion("technical", "weights restored bit-exactly after every trial", label, restored,
                          "true", _status(None if restored is None else bool(restored)), src))
     return out
 
 
-def jaccard_criterion(label: str, mean_jaccard, source: str) -> Criterion:
-    return Criterion("evidence", "top-k Jaccard across seeds", label, mean_jaccard, f"> {JACCARD_MIN:g}",
-                     _status(mean_jaccard > JACCARD_MIN if _finite(mean_jaccard) else None), source)
+def jaccard_criterion(label: str, stability: dict, source: str) -> Criterion:
+    """Mean pairwise top-k Jaccard; not measured when every seed saw the same windows (trivially 1)."""
+    value = stability.get("mean_jaccard")
+    if stability.get("warning"):
+        return Criterion("evidence", JACCARD, label, value, f"> {JACCARD_MIN:g}", NOT_MEASURED, source,
+                         stability["warning"])
+    return Criterion("evidence", JACCARD, label, value, f"> {JACCARD_MIN:g}",
+                     _status(value > JACCARD_MIN if _finite(value) else None), source)
 
 
 def profile_criteria(label: str, metrics: dict, stability: dict | None) -> list[Criterion]:
@@ -106,31 +155,39 @@ def profile_criteria(label: str, metrics: dict, stability: dict | None) -> list[
     detail = (f"best fit {metrics.get('best_tail_fit')}, Hill α {alpha:.3g}, excess kurtosis "
               f"{metrics.get('excess_kurtosis', float('nan')):.3g}" if _finite(alpha) else
               f"best fit {metrics.get('best_tail_fit')}")
-    out.append(Criterion("evidence", f"heavy-tailed scores", label, heavy, "tail heavier than exponential",
+    out.append(Criterion("evidence", HEAVY, label, heavy, "tail heavier than exponential",
                          _status(None if heavy is None else bool(heavy)), "score_stats.json", detail))
     edge = metrics.get("topk_share_embed", 0.0) + metrics.get("topk_share_lm_head", 0.0)
     tensors = metrics.get("tensors_with_topk")
     spread_ok = None if tensors is None else (edge < EDGE_SHARE_MAX and tensors > 1)
-    out.append(Criterion("evidence", f"top-k not confined to embeddings or one tensor", label,
+    out.append(Criterion("evidence", SPREAD, label,
                          f"{edge:.1%} in embed/lm_head, {tensors} tensors", f"< {EDGE_SHARE_MAX:.0%} and > 1 tensor",
                          _status(spread_ok), "metrics.json",
                          f"largest single tensor holds {metrics.get('largest_single_tensor_share', float('nan')):.1%}"))
     if stability is not None:
-        out.append(jaccard_criterion(label, stability.get("mean_jaccard"), "stability.json"))
+        out.append(jaccard_criterion(label, stability, "stability.json"))
     max_ratio = metrics.get("max_over_mean")
-    out.append(Criterion("technical", f"finite scores", label, max_ratio, "finite max/mean",
+    out.append(Criterion("technical", "finite scores", label, max_ratio, "finite max/mean",
                          _status(_finite(max_ratio)), src))
     return out
 
 
-def overlap_criterion(comparison: dict | None) -> Criterion:
-    if comparison is None:
-        return Criterion("evidence", "cross-metric overlap@k", "", None, f"> {OVERLAP_MIN:.0%}", NOT_MEASURED, "",
-                         "needs profile runs of two or more metrics on one model (pass them all to esa report)")
+def overlap_criterion(comparison: dict) -> Criterion:
     value = comparison["mean_overlap_at_k"]
     pairs = ", ".join(f"{p['a']}~{p['b']}: {p['overlap_at_k']:.2f}" for p in comparison["pairs"])
-    return Criterion("evidence", "cross-metric overlap@k (mean over pairs)", "", value, f"> {OVERLAP_MIN:.0%}",
-                     _status(value > OVERLAP_MIN if _finite(value) else None), "top_weights.csv", pairs)
+    return Criterion("evidence", OVERLAP, "", value, f"> {OVERLAP_MIN:.0%}",
+                     _status(value > OVERLAP_MIN if _finite(value) else None), "top_weights.csv",
+                     f"mean over pairs: {pairs}")
+
+
+def not_measured(criteria: list[Criterion]) -> list[Criterion]:
+    """A "not measured" row for every evidence criterion that no run provided, saying what would provide it."""
+    present = {c.name for c in criteria}
+    thresholds = {EFFECT: f"> {EFFECT_RATIO_MIN:g}", ORDER: "random_k ≥ bottom_k", WELCH: f"< {P_MAX:g}",
+                  PAIRED: f"< {P_MAX:g}", JACCARD: f"> {JACCARD_MIN:g}", OVERLAP: f"> {OVERLAP_MIN:.0%}",
+                  HEAVY: "tail heavier than exponential", SPREAD: f"< {EDGE_SHARE_MAX:.0%} and > 1 tensor"}
+    return [Criterion("evidence", name, "", None, thresholds[name], NOT_MEASURED, "", f"needs {need}")
+            for name, need in NEEDS.items() if name not in present]
 
 
 def baseline_criteria(label: str, metrics: dict) -> list[Criterion]:

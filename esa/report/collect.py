@@ -26,6 +26,7 @@ class Run:
     manifest: dict
     data: dict = field(default_factory=dict)  # metrics.json (baseline, profile) or results.json (perturb)
     stability: dict | None = None  # stability.json of a profile run
+    key: str = ""  # unique, file- and LaTeX-label-safe form of the label
 
     @property
     def model_id(self) -> str | None:
@@ -71,10 +72,11 @@ def collect(dirs: list[Path]) -> Collection:
     seen: set[Path] = set()
     for root in dirs:
         root = Path(root)
+        name = root.resolve().name  # "." and "runs/" label as the folder's own name
         if not root.is_dir():
             raise EsaError(f"{root} is not a directory")
-        candidates = [(root, root.name)] if kind_of(root) else [
-            (d, f"{root.name}/{d.name}") for d in sorted(root.iterdir()) if d.is_dir() and kind_of(d)]
+        candidates = [(root, name)] if kind_of(root) else [
+            (d, f"{name}/{d.name}") for d in sorted(root.iterdir()) if d.is_dir() and kind_of(d)]
         if not candidates:
             raise EsaError(f"{root} holds no run (no baseline, profile or perturb results in it or one level below)")
         for run_dir, label in candidates:
@@ -95,4 +97,11 @@ def collect(dirs: list[Path]) -> Collection:
             r.label = f"{r.label} ({labels[r.label]})"
     order = {k: i for i, k in enumerate(KINDS)}
     runs.sort(key=lambda r: (order[r.kind], r.label))
+    keys: set[str] = set()
+    for r in runs:
+        base = "".join(ch if ch.isalnum() else "_" for ch in r.label).strip("_") or "run"
+        r.key, i = base, 2
+        while r.key in keys:  # labels like "x-y" and "x_y" would share a file name
+            r.key, i = f"{base}_{i}", i + 1
+        keys.add(r.key)
     return Collection(runs, skipped)

@@ -70,9 +70,11 @@ def to_html(t: Table) -> str:
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "|": r"\textbar{}"}
 _LATEX_UNICODE = {"Δ": r"$\Delta$", "≥": r"$\geq$", "≤": r"$\leq$", "α": r"$\alpha$", "ρ": r"$\rho$", "∞": r"$\infty$",
-                  "−": "-", "—": "--", "×": r"$\times$", "±": r"$\pm$", "–": "--", "·": r"$\cdot$"}
+                  "−": "-", "—": "--", "×": r"$\times$", "±": r"$\pm$", "–": "--", "·": r"$\cdot$",
+                  "<": r"$<$", ">": r"$>$"}  # bare < and > print as ¡ and ¿ in LaTeX's default font encoding
 
 
 def latex_escape(text: str) -> str:
@@ -83,11 +85,14 @@ def latex_escape(text: str) -> str:
 
 
 def to_latex(t: Table) -> str:
+    """A booktabs ``table``; wider than the text, it is scaled down to the line width (graphicx)."""
+    shrink_if_wide = r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%"
     lines = [r"\begin{table}[ht]", r"\centering", rf"\caption{{{latex_escape(t.title)}}}",
-             rf"\label{{tab:{t.key}}}", r"\begin{tabular}{" + "".join(t.alignment()) + "}", r"\toprule",
+             rf"\label{{tab:{t.key}}}", shrink_if_wide,
+             r"\begin{tabular}{" + "".join(t.alignment()) + "}", r"\toprule",
              " & ".join(latex_escape(h) for h in t.header) + r" \\", r"\midrule"]
     lines += [" & ".join(latex_escape(c) for c in row) + r" \\" for row in t.rows]
-    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [r"\bottomrule", r"\end{tabular}}"]
     if t.note:
         lines.append(rf"\par\smallskip{{\footnotesize {latex_escape(t.note)}}}")
     lines.append(r"\end{table}")
