@@ -40,7 +40,7 @@ from esa.runio import (MANIFEST, append_jsonl, atomic_write_json, clear_run_file
                        read_csv_rows, read_json, read_jsonl)
 from esa.selection import WeightSet, jaccard, select_random
 from esa.session import Session, validate_data_config
-from esa.tensors import TensorInfo, describe_parameters, select_tensors
+from esa.tensors import describe_parameters, select_tensors
 from esa.windows import seeded_subset, stability_subset_size
 
 CONTROLS = ("random_k", "bottom_k")
@@ -133,7 +133,7 @@ def _profile_sets(run_dir: Path, seeds: list[int], stability: bool, model_id: st
     return tops, bottoms
 
 
-def build_sets(config: PerturbConfig, session: Session) -> tuple[dict[int, dict[str, WeightSet]], list[TensorInfo]]:
+def build_sets(config: PerturbConfig, session: Session) -> dict[int, dict[str, WeightSet]]:
     """Per seed, the weight set of every condition (see the module docstring)."""
     model = session.loaded.model
     params = dict(model.named_parameters())
@@ -174,7 +174,7 @@ def build_sets(config: PerturbConfig, session: Session) -> tuple[dict[int, dict[
             sets[s]["random_k"] = select_random(infos, tops[s], s, stratified=config.random_stratified)
         if "bottom_k" in config.controls and s in bottoms:
             sets[s]["bottom_k"] = bottoms[s]
-    return sets, infos
+    return sets
 
 
 def save_sets(out_dir: Path, sets: dict[int, dict[str, WeightSet]], model: torch.nn.Module) -> None:
@@ -244,7 +244,7 @@ def run_perturb(config: PerturbConfig, *, command: str = "perturb", session: Ses
         sets = load_sets(out_dir, config.seeds, conditions)
     else:
         with timer.phase("select"):
-            sets, _ = build_sets(config, session)
+            sets = build_sets(config, session)
         begin_run(out_dir, True)
         clear_run_files(out_dir, [TRIALS, "results.json"])
         save_sets(out_dir, sets, model)

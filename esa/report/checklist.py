@@ -148,7 +148,6 @@ def jaccard_criterion(label: str, stability: dict, source: str) -> Criterion:
 
 def profile_criteria(label: str, metrics: dict, stability: dict | None) -> list[Criterion]:
     src = "metrics.json"
-    metric = metrics.get("metric", "?")
     out = []
     heavy = metrics.get("heavier_than_exponential")
     alpha = metrics.get("hill_alpha")
