@@ -294,10 +294,10 @@ def print_perturb(results: dict, out_dir: Path) -> None:
                       f"{c['n_collapsed']}/{c['n_trials']}")
     console.print(table)
     for key, t in results["tests"].items():
-        welch = t.get("across_seeds", {})
+        seeds = t.get("across_seeds", {})
         console.print(f"{key.replace('_vs_', ' vs ')}: paired t p={_p(t.get('p_paired_t'))}, "
                       f"Wilcoxon p={_p(t.get('p_wilcoxon'))}, d_z={_fmt(t.get('effect_size_dz', float('nan')), 3)}; "
-                      f"Welch across seeds p={_p(welch.get('p_welch'))}")
+                      f"across seeds ({seeds.get('test', 'n/a')}) p={_p(seeds.get('p_value'))}")
     ratio = results["effect_ratio"]
     console.print(f"effect ratio ΔPPL(super)/ΔPPL(random_k): {_fmt(ratio.get('value', float('nan')), 3)}"
                   + (f" (95% CI {ratio['ci95'][0]:.3g}–{ratio['ci95'][1]:.3g})" if ratio.get("ci95") else "")

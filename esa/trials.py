@@ -312,7 +312,7 @@ def summarize(config: PerturbConfig, done: dict, sets: dict, conditions: list[st
             r = done[f"{cond}/seed{s}"]
             res = _result_of(r)
             trials.append(stats.Trial(cond, s, res.nll, res.tokens, int(r.get("bits_flipped", 0)),
-                                      int(r.get("n_weights", 0))))
+                                      int(r.get("n_weights", 0)), set_id=r.get("set_hash", "")))
     out = stats.summarize_trials(baseline, trials, n_boot=config.n_bootstrap, seed=config.data.seed)
     out["perturbation"] = {"kind": spec.kind, "scale": spec.scale, "prob": spec.prob, "bits": spec.bits}
     out["seeds"] = config.seeds

@@ -12,12 +12,12 @@ from esa.report.tables import Table, fmt, latex_escape, to_latex, to_markdown
 runner = CliRunner()
 
 
-def perturb_results(ratio, d_random=0.5, d_bottom=0.1, p_paired=0.01, p_welch=0.02, collapsed=0):
+def perturb_results(ratio, d_random=0.5, d_bottom=0.1, p_paired=0.01, p_seeds=0.02, collapsed=0):
     cond = lambda d: {"delta_ppl": d, "n_collapsed": 0, "n_trials": 3}  # noqa: E731
     conds = {"super": cond(5.0), "random_k": cond(d_random), "bottom_k": cond(d_bottom)}
     conds["super"]["n_collapsed"] = collapsed
     return {"perturbation": {"kind": "zero"}, "conditions": conds, "effect_ratio": {"value": ratio},
-            "tests": {"super_vs_random_k": {"p_paired_t": p_paired, "across_seeds": {"p_welch": p_welch}},
+            "tests": {"super_vs_random_k": {"p_paired_t": p_paired, "across_seeds": {"test": "welch", "p_value": p_seeds}},
                       "random_k_vs_bottom_k": {"p_paired_t": 0.2}},
             "restore_verified": True, "source": "selection"}
 
@@ -33,7 +33,7 @@ def test_perturb_criteria_thresholds():
     assert status(good, "super vs random_k across seeds") == cl.MET
     assert status(good, "super vs random_k per window") == cl.MET
     assert status(good, "no collapsed trial") == cl.MET
-    bad = cl.perturb_criteria("r", perturb_results(1.5, d_random=0.1, d_bottom=0.4, p_paired=0.2, p_welch=0.3,
+    bad = cl.perturb_criteria("r", perturb_results(1.5, d_random=0.1, d_bottom=0.4, p_paired=0.2, p_seeds=0.3,
                                                    collapsed=1))
     assert status(bad, "effect ratio") == cl.NOT_MET
     assert status(bad, "ΔPPL(random_k) ≥ ΔPPL(bottom_k)") == cl.NOT_MET
@@ -43,9 +43,9 @@ def test_perturb_criteria_thresholds():
     # Exactly at the threshold is not "> 2"; a ratio that cannot be computed cannot be judged (an infinite one:
     # see test_effect_ratio_when_random_k_does_not_raise_ppl).
     assert status(cl.perturb_criteria("r", perturb_results(2.0)), "effect ratio") == cl.NOT_MET
-    assert status(cl.perturb_criteria("r", perturb_results(math.nan, p_welch=math.nan)),
+    assert status(cl.perturb_criteria("r", perturb_results(math.nan, p_seeds=math.nan)),
                   "effect ratio") == cl.NOT_MEASURED
-    assert status(cl.perturb_criteria("r", perturb_results(3.0, p_welch=math.nan)),
+    assert status(cl.perturb_criteria("r", perturb_results(3.0, p_seeds=math.nan)),
                   "super vs random_k across seeds") == cl.NOT_MEASURED
 
 

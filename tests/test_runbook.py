@@ -175,8 +175,8 @@ def test_report_over_all_nine_matches_the_run_files(nine, tmp_path):
                         results["effect_ratio"]["value"])
             assert same(by_name[("super vs random_k per window, paired t p", label)]["value"],
                         results["tests"]["super_vs_random_k"]["p_paired_t"])
-            assert same(by_name[("super vs random_k across seeds, Welch p", label)]["value"],
-                        results["tests"]["super_vs_random_k"]["across_seeds"]["p_welch"])
+            assert same(by_name[("super vs random_k across seeds, p", label)]["value"],
+                        results["tests"]["super_vs_random_k"]["across_seeds"]["p_value"])
         stability = d / "profile" / "stability.json"
         if stability.exists():
             assert same(by_name[("top-k Jaccard across seeds", f"{d.name}/profile")]["value"],

@@ -165,14 +165,17 @@ def tests_table(runs: list[Run]) -> Table:
     for r in runs:
         for key, t in r.data.get("tests", {}).items():
             rows.append([r.label, key.replace("_vs_", " vs "), fmt(t.get("p_paired_t")), fmt(t.get("p_wilcoxon")),
-                         fmt(t.get("effect_size_dz")), fmt(t.get("across_seeds", {}).get("p_welch"))])
+                         fmt(t.get("effect_size_dz")), fmt(t.get("across_seeds", {}).get("p_value")),
+                         t.get("across_seeds", {}).get("test", "")])
         ratio = r.data.get("effect_ratio", {})
         ci = ratio.get("ci95")
         rows.append([r.label, "effect ratio super / random_k", fmt(ratio.get("value")),
-                     f"CI [{fmt(ci[0], 3)}, {fmt(ci[1], 3)}]" if ci else "—", "", ""])
+                     f"CI [{fmt(ci[0], 3)}, {fmt(ci[1], 3)}]" if ci else "—", "", "", ""])
     return Table("tests", "Significance (one-sided: the first condition hurts more)",
-                 ["run", "comparison", "paired t p / ratio", "Wilcoxon p / CI", "d_z", "Welch p (seeds)"], rows,
-                 note="paired tests: n = evaluation windows; Welch: n = seeds", align=["l", "l", "r", "r", "r", "r"])
+                 ["run", "comparison", "paired t p / ratio", "Wilcoxon p / CI", "d_z", "p across seeds", "test"],
+                 rows, note="paired tests: n = evaluation windows, conditional on the weight sets drawn; across seeds: "
+                            "n = seeds, set-to-set variation (Welch, or a prediction-interval test when one condition "
+                            "used a single set)", align=["l", "l", "r", "r", "r", "r", "l"])
 
 
 def checklist_table(criteria: list[cl.Criterion]) -> Table:
