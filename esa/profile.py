@@ -38,7 +38,8 @@ WEIGHTS_HEADER = ("rank", "tensor", "layer", "component", "expert", "row", "col"
 STATS_COLUMNS = ("numel", "zeros", "mean", "std", "max", "max_over_mean", "q50", "q90", "q99", "q999", "gini",
                  "excess_kurtosis", "topk", "topk_mass_share", "tail_m", "hill_alpha", "best_fit",
                  "R_powerlaw_vs_exponential", "p_powerlaw_vs_exponential", "R_powerlaw_vs_lognormal",
-                 "p_powerlaw_vs_lognormal", "heavier_than_exponential")
+                 "p_powerlaw_vs_lognormal", "stretched_exp_beta", "p_stretched_exp_vs_exponential",
+                 "heavier_than_exponential")
 EDGE_COMPONENTS = ("embed", "lm_head")
 MIN_TAIL_VALUES = 1000
 
@@ -156,7 +157,7 @@ def location_table(selection: Selection) -> tuple[list[tuple], dict]:
     mass: dict[tuple, float] = {}
     for t in selection.tensors:
         key = (t.layer, t.component)
-        mass[key] = mass.get(key, 0.0) + selection.summaries[t.name].total if selection.summaries else 0.0
+        mass[key] = mass.get(key, 0.0) + (selection.summaries[t.name].total if selection.summaries else 0.0)
     total_mass = sum(mass.values()) or 1.0
     n_top = max(1, len(selection.top))
     keys = sorted(set(counts) | set(mass), key=lambda k: (-1 if k[0] is None else k[0], k[1]))
