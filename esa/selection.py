@@ -3,8 +3,10 @@
 Order and ties: elements are ranked by score (descending for top-k, ascending for bottom-k); equal scores are
 broken by the tensor's position in the model (earlier first), then by flat index (lower first). Global top-k is
 exact without concatenating all scores: the k best of the union are among the k best of each tensor under the same
-total order, so merging per-tensor candidates suffices (:func:`esa.kernels.merge_topk`). Per-tensor selection
-streams each score buffer through :func:`esa.kernels.topk`, which never sorts more than 2^31 elements at once.
+total order, so merging per-tensor candidates suffices (:func:`esa.kernels.merge_topk`). The merge runs tensor by
+tensor, keeping only the best k so far, so it holds and sorts at most 2k candidates (k ≤ 2^30) whatever the number
+of tensors. Per-tensor selection streams each score buffer through :func:`esa.kernels.topk`, which never sorts
+more than 2^31 elements at once.
 
 ``random_k`` draws uniformly without replacement, never picking an element of the top-k set; by default it is
 stratified to the top-k set's per-tensor counts, so the control differs in *which* weights, not *where*.
@@ -24,6 +26,7 @@ from esa.scoring import ScoreSet
 from esa.tensors import TensorInfo
 
 MODES = ("per_layer", "global")
+MAX_GLOBAL_K = 1 << 30  # the running merge sorts up to 2k candidates: at most 2^31
 
 
 @dataclass
@@ -77,13 +80,10 @@ def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True)
     _check_scores(scores)
     kind = "top_k" if largest else "bottom_k"
     infos = [t for t in scores.tensors if t.name in scores.scores]
-    candidates = []
-    for info in infos:
-        values, idx = topk(scores.scores[info.name], min(k, info.numel), largest=largest)
-        candidates.append((values, idx))
     if mode == "per_layer":
         names, flat, vals, ranks = [], [], [], []
-        for info, (values, idx) in zip(infos, candidates):
+        for info in infos:
+            values, idx = topk(scores.scores[info.name], min(k, info.numel), largest=largest)
             names += [info.name] * idx.numel()
             flat.append(idx.cpu().numpy())
             vals.append(values.double().cpu().numpy())
@@ -92,10 +92,28 @@ def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True)
             return _empty(kind)
         return WeightSet(names, np.concatenate(flat), np.concatenate(vals), np.concatenate(ranks), kind,
                          {"mode": mode, "k": k})
-    total = sum(t.numel for t in infos)
-    pos, values, idx = merge_topk([(v.cpu(), i.cpu()) for v, i in candidates], min(k, total), largest=largest)
-    names = [infos[p].name for p in pos.tolist()]
-    return WeightSet(names, idx.numpy(), values.double().numpy(), np.arange(len(names)), kind,
+    if k > MAX_GLOBAL_K:
+        raise EsaError(f"--topk {k:,} is too large for global mode (at most {MAX_GLOBAL_K:,})")
+    k = min(k, sum(t.numel for t in infos))
+    # Running merge: (tensor position, flat index, value) of the best k so far, in the total order. Passing the
+    # running set to merge_topk with its ranks as indices keeps that order among equal values, and puts it before
+    # the new tensor's candidates (a later tensor), exactly as the full merge would.
+    run_pos = torch.empty(0, dtype=torch.int64)
+    run_idx = torch.empty(0, dtype=torch.int64)
+    run_val = torch.empty(0, dtype=torch.float32)
+    for p, info in enumerate(infos):
+        values, idx = topk(scores.scores[info.name], min(k, info.numel), largest=largest)
+        which, merged_val, merged_idx = merge_topk(
+            [(run_val, torch.arange(run_val.numel())), (values.cpu(), idx.cpu())],
+            min(k, run_val.numel() + values.numel()), largest=largest)
+        from_run = which == 0
+        new_pos = torch.full_like(merged_idx, p)
+        new_pos[from_run] = run_pos[merged_idx[from_run]]
+        new_idx = merged_idx.clone()
+        new_idx[from_run] = run_idx[merged_idx[from_run]]
+        run_pos, run_idx, run_val = new_pos, new_idx, merged_val
+    names = [infos[p].name for p in run_pos.tolist()]
+    return WeightSet(names, run_idx.numpy(), run_val.double().numpy(), np.arange(len(names)), kind,
                      {"mode": mode, "k": k})
 
 
@@ -104,11 +122,14 @@ def _stream_seed(seed: int, name: str) -> int:
 
 
 def _sample_distinct(n: int, count: int, excluded: set[int], gen: torch.Generator) -> list[int]:
-    """``count`` distinct integers of [0, n) not in ``excluded``, uniformly, in draw order; never allocates n."""
+    """``count`` distinct integers of [0, n) not in ``excluded``, uniformly, in draw order.
+
+    A permutation of [0, n) for small tensors (or large draws from mid-sized ones), otherwise rejection sampling,
+    which holds only what it draws."""
     available = n - len(excluded)
     if count > available:
         raise EsaError(f"cannot draw {count} random weights from {available} eligible ones")
-    if n <= 1 << 20 or count > available // 4:
+    if n <= 1 << 20 or (count > available // 4 and n <= 1 << 26):  # a permutation is cheap up to 64M elements
         perm = torch.randperm(n, generator=gen).tolist()
         return [i for i in perm if i not in excluded][:count]
     chosen: list[int] = []
