@@ -213,3 +213,55 @@ def test_unknown_metric_and_empty_selection(setup):
         compute_scores(model, select_tensors(model), windows, "fisher_block")
     with pytest.raises(EsaError, match="no tensor"):
         compute_scores(model, [], windows, "grad_squared")
+
+
+def test_first_order_metrics_weigh_every_batch_equally_with_a_short_last_batch(setup):
+    """5 windows, batches of 2, 2 and 1: each batch's mean-loss gradient counts 1/3, as documented."""
+    model, windows = setup
+    windows = windows[:5]
+    tensors = select_tensors(model, include=["*layers.0.mlp.*"])
+    names = [t.name for t, _ in tensors]
+    grads = per_batch_grads(model, windows, names)
+    assert len(grads) == 3
+    params = dict(model.named_parameters())
+    gxw = compute_scores(model, tensors, windows, "grad_x_weight", batch_size=BATCH)
+    gsq = compute_scores(model, tensors, windows, "grad_squared", batch_size=BATCH)
+    for n in names:
+        assert_scores_close(gxw.scores[n], sum((g[n] * params[n]).abs() for g in grads) / 3)
+        assert_scores_close(gsq.scores[n], sum(g[n] ** 2 for g in grads) / 3)
+
+
+def test_hutchinson_equals_its_formula_with_the_same_probes(setup):
+    """Exact check, not only convergence: with the probes esa draws, |(1/(B·m)) Σ_b Σ_i z_i ⊙ H_b z_i| over two
+    tensors at once (so the cross-tensor Hessian blocks enter H z), uneven batches, from torch.func.hessian."""
+    from torch.func import functional_call, hessian
+
+    from esa.scoring import rademacher_like
+
+    model, windows = setup
+    windows = windows[:5]
+    names = ["model.layers.1.self_attn.k_proj.weight", "model.layers.1.post_attention_layernorm.weight"]
+    tensors = select_tensors(model, include=names, norms=True)
+    assert [t.name for t, _ in tensors] == names
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    w0 = torch.cat([params[n].detach().reshape(-1) for n in names])
+    probes, seed = 3, 7
+
+    def loss_at(vec, batch):
+        parts = {n: v.reshape(s) for n, v, s in zip(names, vec.split(sizes), shapes)}
+        return functional_call(model, parts, kwargs={"input_ids": batch, "labels": batch}).loss
+
+    total = torch.zeros_like(w0)
+    bs = batches(windows)
+    for b, batch in enumerate(bs):
+        h = hessian(lambda v: loss_at(v, batch))(w0)
+        for i in range(probes):
+            z = torch.cat([rademacher_like(params[n], seed, n, b, i).reshape(-1) for n in names])
+            total += z * (h @ z)
+    expected = (total / (len(bs) * probes)).abs().split(sizes)
+    scores = compute_scores(model, tensors, windows, "hutchinson_diag", batch_size=BATCH, hutchinson_probes=probes,
+                            seed=seed)
+    for n, e, s in zip(names, expected, shapes):
+        assert_scores_close(scores.scores[n], e.reshape(s), rtol=1e-5)
