@@ -41,15 +41,18 @@ def test_paired_p_value_equals_a_one_sample_t_test_on_per_token_differences():
     assert out["effect_size_dz"] == pytest.approx(d.mean() / d.std(ddof=1))
 
 
-def test_wilcoxon_is_calibrated_under_the_null():
+@pytest.mark.parametrize("p_key,noise", [("p_paired_t", "normal"), ("p_wilcoxon", "normal"),
+                                         ("p_paired_t", "t3"), ("p_wilcoxon", "t3")])
+def test_paired_tests_are_calibrated_under_the_null(p_key, noise):
+    """No difference between conditions: p < 0.05 about 5% of the time, for light and heavy-tailed noise."""
     rng = np.random.default_rng(2)
     tokens = np.full(40, 63.0)
     boot = bootstrap_indices(40, 10, 0)
+    draw = (lambda: rng.normal(0, 3, 40)) if noise == "normal" else (lambda: rng.standard_t(3, 40))
     hits = 0
     for _ in range(400):
         base = rng.normal(200, 20, 40)
-        hits += paired_comparison(base + rng.standard_t(3, 40), base + rng.standard_t(3, 40), tokens,
-                                  boot)["p_wilcoxon"] < 0.05
+        hits += paired_comparison(base + draw(), base + draw(), tokens, boot)[p_key] < 0.05
     assert 0.02 < hits / 400 < 0.09
 
 
