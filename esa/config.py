@@ -87,6 +87,12 @@ class PerturbConfig:
     overwrite: bool = False
 
 
+def same_config(saved: dict, config: Any, *, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether ``saved`` (a run's config.json) describes ``config``, top-level keys in ``ignore`` aside."""
+    mine = to_dict(config)
+    return ({k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in mine.items() if k not in ignore})
+
+
 def to_dict(config: Any) -> dict:
     def clean(v: Any) -> Any:
         if isinstance(v, Path):

@@ -32,7 +32,7 @@ from esa.scoring import ScoreSet, check_metric, compute_scores, needs_double_bac
 from esa.selection import MODES, WeightSet, jaccard, select_extreme
 from esa.session import Session, open_session, validate_data_config
 from esa.tensors import TensorInfo, select_tensors
-from esa.windows import seeded_subset, stability_subset_size
+from esa.windows import Windows, seeded_subset, stability_subset_size
 
 WEIGHTS_HEADER = ("rank", "tensor", "layer", "component", "expert", "row", "col", "flat_index", "score", "weight")
 STATS_COLUMNS = ("numel", "zeros", "mean", "std", "max", "max_over_mean", "q50", "q90", "q99", "q999", "gini",
@@ -215,19 +215,27 @@ def read_ccdf(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 # ----------------------------------------------------------------------------------------------- stability
+def seeded_selections(session: Session, sel: SelectionConfig, seeds: list[int], fraction: float, *,
+                      batch_size: int) -> dict[int, tuple[Selection, Windows]]:
+    """Per seed, the selection made on a seeded subset of round(fraction · n) evaluation windows, and the subset."""
+    n = session.windows.n
+    size = stability_subset_size(n, fraction)
+    out = {}
+    for s in seeds:
+        subset = session.windows.subset(seeded_subset(n, size, s))
+        chosen, _ = score_and_select(session, sel, subset.input_ids, batch_size=batch_size, seed=s)
+        out[s] = (chosen, subset)
+    return out
+
+
 def stability(session: Session, config: ProfileConfig) -> tuple[dict, dict[int, Selection]]:
     """Top-k from seeded subsets of the evaluation windows (a fraction of them each) and their pairwise Jaccard."""
+    chosen = seeded_selections(session, config.selection, config.seeds, config.stability_fraction,
+                               batch_size=config.data.batch_size)
+    sets = {s: sel for s, (sel, _) in chosen.items()}
+    subsets = {s: subset.window_index for s, (_, subset) in chosen.items()}
+    size = next(iter(chosen.values()))[1].n
     n = session.windows.n
-    size = stability_subset_size(n, config.stability_fraction)
-    sets: dict[int, Selection] = {}
-    subsets = {}
-    for s in config.seeds:
-        positions = seeded_subset(n, size, s)
-        subsets[s] = [session.windows.window_index[p] for p in positions]
-        sel, scores = score_and_select(session, config.selection, session.windows.input_ids[positions],
-                                       batch_size=config.data.batch_size, seed=s)
-        del scores
-        sets[s] = sel
     pairs = {}
     per_tensor: dict[str, list[float]] = {}
     for a, b in itertools.combinations(config.seeds, 2):

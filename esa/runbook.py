@@ -14,16 +14,15 @@ refused unless ``--overwrite`` is given.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from esa.config import BaselineConfig, DataConfig, ModelConfig, PerturbConfig, ProfileConfig, SelectionConfig, to_dict
+from esa.config import (BaselineConfig, DataConfig, ModelConfig, PerturbConfig, ProfileConfig, SelectionConfig,
+                        same_config)
 from esa.errors import EsaError
 from esa.runio import is_finished, read_json
 
-PHASES = ("baseline", "profile", "perturb", "report")
 
 
 @dataclass
@@ -75,18 +74,12 @@ def phase_configs(cfg: RunbookConfig) -> dict[str, object]:
     return configs
 
 
-def _comparable(config: dict) -> dict:
-    d = copy.deepcopy(config)
-    for key in ("overwrite", "save_plots", "out_dir", "from_profile"):
-        d.pop(key, None)
-    return d
-
-
 def same_finished_run(run_dir: Path, config: object) -> bool:
     """True when ``run_dir`` holds a finished run of exactly ``config`` (paths, plots and overwrite aside)."""
     if not is_finished(run_dir) or not (run_dir / "config.json").exists():
         return False
-    return _comparable(read_json(run_dir / "config.json")) == _comparable(to_dict(config))
+    return same_config(read_json(run_dir / "config.json"), config,
+                       ignore=("overwrite", "save_plots", "out_dir", "from_profile"))
 
 
 def resolve(cfg: RunbookConfig) -> None:

@@ -149,12 +149,11 @@ def is_finished(run_dir: Path) -> bool:
         return False
 
 
-def prepare_run_dir(run_dir: Path, *, overwrite: bool, resumable: bool = False) -> Path:
+def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> Path:
     """Check that results may be written to ``run_dir``; create nothing yet.
 
     A finished run is never replaced silently: ``overwrite=True`` is required. An unfinished directory is
-    accepted when ``resumable`` (the command picks up where it stopped); otherwise files of an unfinished run
-    are simply replaced as new results are written.
+    accepted: its files are replaced as new results are written (``esa perturb`` resumes from its trials).
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():

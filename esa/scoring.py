@@ -55,9 +55,6 @@ class ScoreSet:
     n_batches: int
     meta: dict = field(default_factory=dict)
 
-    def total_elements(self) -> int:
-        return sum(t.numel for t in self.tensors)
-
 
 def needs_data(metric: str) -> bool:
     return metric != "magnitude"

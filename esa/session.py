@@ -16,7 +16,6 @@ class Session:
     loaded: LoadedModel
     corpus: Corpus
     windows: Windows
-    all_token_ids: object  # 1-D token ids of the whole corpus (for re-subsetting)
 
     def describe(self) -> dict:
         return {"model": self.loaded.describe(), "dataset": self.corpus.info, "windows": self.windows.describe()}
@@ -44,4 +43,4 @@ def open_session(model_cfg: ModelConfig, data: DataConfig) -> Session:
     ids = tokenize(loaded.tokenizer, corpus.text)
     windows = make_windows(ids, data.seq_len, max_samples=data.max_samples, seed=data.seed,
                            max_positions=loaded.max_positions)
-    return Session(loaded=loaded, corpus=corpus, windows=windows, all_token_ids=ids)
+    return Session(loaded=loaded, corpus=corpus, windows=windows)

@@ -36,8 +36,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sps
 
-ALPHA = 0.05
-
 
 @dataclass
 class Trial:

@@ -29,23 +29,23 @@ import torch
 
 from esa import stats
 from esa.baseline import begin_run
-from esa.config import PerturbConfig, to_dict
+from esa.config import PerturbConfig, same_config, to_dict
 from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate, require_finite
 from esa.fingerprint import model_fingerprint
 from esa.manifest import Timer, build_manifest
 from esa.perturbation import PerturbSpec, perturbed, validate_spec
-from esa.profile import open_for_selection, read_weights, score_and_select, validate_selection, write_weights
+from esa.profile import (open_for_selection, read_weights, score_and_select, seeded_selections, validate_selection,
+                         write_weights)
 from esa.runio import (MANIFEST, append_jsonl, atomic_write_json, clear_run_files, is_finished, prepare_run_dir,
                        read_csv_rows, read_json, read_jsonl)
 from esa.selection import WeightSet, jaccard, select_random
 from esa.session import Session, validate_data_config
 from esa.tensors import describe_parameters, select_tensors
-from esa.windows import seeded_subset, stability_subset_size
+from esa.windows import stability_subset_size
 
 CONTROLS = ("random_k", "bottom_k")
 TRIALS = "trials.jsonl"
-RESULT_FILES = ("results.json", TRIALS, "config.json", MANIFEST)
 
 
 def spec_of(config: PerturbConfig) -> PerturbSpec:
@@ -150,14 +150,10 @@ def build_sets(config: PerturbConfig, session: Session) -> dict[int, dict[str, W
         tops, bottoms = _profile_sets(Path(config.from_profile), config.seeds, config.stability_check,
                                       session.loaded.model_id)
     elif config.stability_check:
-        tops, bottoms = {}, {}
-        n = session.windows.n
-        size = stability_subset_size(n, config.stability_fraction)
-        for s in config.seeds:
-            positions = seeded_subset(n, size, s)
-            chosen, _ = score_and_select(session, sel, session.windows.input_ids[positions],
-                                         batch_size=config.data.batch_size, seed=s)
-            tops[s], bottoms[s] = chosen.top, chosen.bottom
+        chosen = seeded_selections(session, sel, config.seeds, config.stability_fraction,
+                                   batch_size=config.data.batch_size)
+        tops = {s: c.top for s, (c, _) in chosen.items()}
+        bottoms = {s: c.bottom for s, (c, _) in chosen.items()}
     else:
         chosen, _ = score_and_select(session, sel, session.windows.input_ids, batch_size=config.data.batch_size,
                                      seed=config.data.seed)
@@ -202,15 +198,6 @@ def _result_of(record: dict) -> EvalResult:
                       correct=np.array(record["correct"], dtype=np.int64))
 
 
-def _same_run(out_dir: Path, config: PerturbConfig) -> bool:
-    saved = read_json(out_dir / "config.json")
-    mine = to_dict(config)
-    for d in (saved, mine):
-        d.pop("overwrite", None)
-        d.pop("save_plots", None)
-    return saved == mine
-
-
 def prepare_perturb_dir(config: PerturbConfig) -> tuple[Path, bool]:
     """(run directory, resuming?): a finished run needs --overwrite; an unfinished one with the same
     configuration resumes; an unfinished one with another configuration is refused."""
@@ -218,7 +205,7 @@ def prepare_perturb_dir(config: PerturbConfig) -> tuple[Path, bool]:
     if config.overwrite:
         return out_dir, False
     if (out_dir / TRIALS).exists() and (out_dir / "config.json").exists():
-        if not _same_run(out_dir, config):
+        if not same_config(read_json(out_dir / "config.json"), config, ignore=("overwrite", "save_plots")):
             raise EsaError(f"{out_dir} holds an unfinished perturb run with another configuration; pass --overwrite "
                            "to discard it or choose another --out-dir")
         return out_dir, True

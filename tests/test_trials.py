@@ -144,3 +144,23 @@ def test_from_profile_reuses_the_profile_selection(planted_dir, tmp_path):
     top = (tmp_path / "profile" / "top_weights.csv").read_text().splitlines()[1:]
     used = (tmp_path / "perturb" / "sets" / "super_seed0.csv").read_text().splitlines()[1:]
     assert [l.split(",")[1] + l.split(",")[7] for l in top] == [l.split(",")[1] + l.split(",")[7] for l in used]
+
+
+def test_stability_check_reselects_per_seed_as_profile_does(planted_dir, tmp_path):
+    """perturb --stability-check re-selects the top-k on each seed's subset of windows: the same sets as
+    profile --stability-check with the same selection and seeds, and their Jaccard in results.json."""
+    from esa.config import ProfileConfig
+    from esa.profile import run_profile
+
+    model_dir, _ = planted_dir
+    sel = SelectionConfig(metric="grad_squared", mode="global", topk=6)
+    run_profile(ProfileConfig(model=ModelConfig(model=str(model_dir)), data=DataConfig(**DATA), selection=sel,
+                              seeds=[0, 1], stability_check=True, out_dir=str(tmp_path / "profile")))
+    r = run_perturb(perturb_config(model_dir, tmp_path / "perturb", selection=sel, seeds=[0, 1],
+                                   stability_check=True, controls=["random_k"]))["results"]
+    for s in (0, 1):
+        profiled = (tmp_path / "profile" / "stability" / f"top_weights_seed{s}.csv").read_text().splitlines()[1:]
+        used = (tmp_path / "perturb" / "sets" / f"super_seed{s}.csv").read_text().splitlines()[1:]
+        assert [l.split(",")[1:8] for l in profiled] == [l.split(",")[1:8] for l in used]
+    profile_jaccard = json.loads((tmp_path / "profile" / "stability.json").read_text())["pairwise_jaccard"]
+    assert r["stability"]["pairwise_jaccard"] == profile_jaccard
