@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of every Triton kernel of ``esa.kernels`` for real GPU targets, without a GPU.
 
-    python -m bench.kernel_compile [--cc 80,90] [--json PATH]
+    python -m bench.kernel_compile [--cc 80,90] [--all] [--json PATH]
 
 Triton decides when a kernel is decorated whether it is interpreted, so the work is split over two processes:
 
