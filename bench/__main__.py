@@ -1,5 +1,5 @@
 """Benchmarks: ``python -m bench [accumulate] [topk] [perturb] [end_to_end] [--quick] [--sizes ...]`` from the repo
-root.
+root; ``python -m bench gpu-check`` runs the one-command GPU measurement of :mod:`bench.gpu_check`.
 
 Each family prints a table (median time, achieved GB/s over the minimal bytes moved, fraction of the peak measured
 by a device-to-device copy in the same run, speedup over the eager torch form) and writes bench/out/<family>.csv
@@ -37,6 +37,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gpu-check"]:
+        from bench.gpu_check import main as gpu_check
+
+        return gpu_check(argv[1:])
     args = _parse(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda":

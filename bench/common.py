@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
+#: Where results go: bench/out, or $ESA_BENCH_OUT (python -m bench gpu-check --out-dir sends the families there).
+OUT_DIR = Path(os.environ.get("ESA_BENCH_OUT") or Path(__file__).resolve().parent / "out")
 
 
 @dataclass

@@ -18,18 +18,39 @@ import torch
 from bench.common import Context
 
 
-def _time(fn, ctx: Context, repeats: int) -> float:
-    if ctx.cuda:
+def timed_ms(fn, cuda: bool, repeats: int) -> float:
+    """Median wall time of ``fn`` in ms over ``repeats`` calls after one warm-up call (synchronised on CUDA)."""
+    if cuda:
         torch.cuda.synchronize()
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
         fn()
-        if ctx.cuda:
+        if cuda:
             torch.cuda.synchronize()
         if i:
             times.append((time.perf_counter() - start) * 1e3)
     return float(np.median(times))
+
+
+def _time(fn, ctx: Context, repeats: int) -> float:
+    return timed_ms(fn, ctx.cuda, repeats)
+
+
+def plain_forward_backward(model: torch.nn.Module, params: list[torch.Tensor], ids: torch.Tensor, batch: int,
+                           device: torch.device) -> None:
+    """Forward + backward over the windows with every gradient kept, as a trainer would (then dropped)."""
+    from esa.scoring import batch_loss
+
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        for i in range(0, ids.shape[0], batch):
+            batch_loss(model, ids[i : i + batch].to(device)).backward()
+    finally:
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
 
 
 def run(ctx: Context, sizes: str | None, model_id: str | None = None) -> list[dict]:
@@ -37,7 +58,7 @@ def run(ctx: Context, sizes: str | None, model_id: str | None = None) -> list[di
     from esa.evaluate import evaluate
     from esa.perturbation import PerturbSpec, perturbed
     from esa.progress import quiet
-    from esa.scoring import batch_loss, compute_scores
+    from esa.scoring import compute_scores
     from esa.selection import select_extreme
     from esa.session import open_session
     from esa.tensors import select_tensors
@@ -52,18 +73,9 @@ def run(ctx: Context, sizes: str | None, model_id: str | None = None) -> list[di
     params = [p for _, p in tensors]
     repeats = max(1, ctx.repeats // 2)
 
-    def plain_forward_backward():
-        for p in params:
-            p.requires_grad_(True)
-        for i in range(0, ids.shape[0], batch):
-            batch_loss(model, ids[i : i + batch].to(ctx.device)).backward()
-        for p in params:
-            p.grad = None
-            p.requires_grad_(False)
-
     rows = []
     with quiet():
-        t_fb = _time(plain_forward_backward, ctx, repeats)
+        t_fb = _time(lambda: plain_forward_backward(model, params, ids, batch, ctx.device), ctx, repeats)
         for metric in ("grad_x_weight", "grad_squared"):
             t = _time(lambda: compute_scores(model, tensors, ids, metric, batch_size=batch), ctx, repeats)
             rows.append({"measure": f"profile {metric}", "ms": t, "reference": "forward+backward", "reference_ms": t_fb,
