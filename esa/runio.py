@@ -20,14 +20,33 @@ from typing import Any, Iterable, Sequence
 from esa.errors import EsaError
 
 MANIFEST = "experiment_manifest.json"
+JSON_SIGNIFICANT_DIGITS = 12  # floats in JSON files: enough for any measurement, no binary noise (1e-4, not 9.99…9e-05)
+
+
+def _umask() -> int:
+    """The process umask: from /proc on Linux, else by setting it and straight back (not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory + fsync + rename)."""
+    """Write ``data`` to ``path`` atomically (temp file in the same directory + fsync + rename).
+
+    The file gets the mode ``0o666 & ~umask`` like any newly created file. On failure (a full disk, an unwritable
+    directory) the temporary file is removed and the old ``path``, if any, is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; a result file gets the mode any new file would get (0644 under umask 022).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -42,16 +61,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _json_safe(obj: Any) -> Any:
-    """Replace non-finite floats by strings ("nan", "inf", "-inf") so the file stays standard JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+def round_float(x: float, digits: int = JSON_SIGNIFICANT_DIGITS) -> float:
+    """``x`` rounded to ``digits`` significant digits (``9.999999999998899e-05`` → ``0.0001``); ints untouched."""
+    return float(f"{x:.{digits}g}")
+
+
+def _json_safe(obj: Any, digits: int | None = None) -> Any:
+    """Replace non-finite floats by strings ("nan", "inf", "-inf") so the file stays standard JSON; with
+    ``digits``, round finite floats to that many significant digits."""
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+        return obj if digits is None else round_float(obj, digits)
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): _json_safe(v, digits) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [_json_safe(v, digits) for v in obj]
     if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return _json_safe(obj.item())
+        return _json_safe(obj.item(), digits)
     return obj
 
 
@@ -70,7 +97,10 @@ def _json_restore(obj: Any) -> Any:
 
 
 def to_json(obj: Any) -> str:
-    return json.dumps(_json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    """Indented standard JSON; floats rounded to :data:`JSON_SIGNIFICANT_DIGITS` significant digits.
+
+    (``trials.jsonl`` is not rounded: its per-window NLLs are the raw data that statistics are recomputed from.)"""
+    return json.dumps(_json_safe(obj, JSON_SIGNIFICANT_DIGITS), indent=2, sort_keys=False, allow_nan=False) + "\n"
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
