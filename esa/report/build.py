@@ -20,6 +20,7 @@ from pathlib import Path
 from esa.report import checklist as cl
 from esa.report.collect import Collection, Run, collect
 from esa.report.tables import Table, fmt, to_html, to_latex, to_markdown
+from esa.errors import EsaError
 from esa.runio import atomic_write_json, atomic_write_text, read_csv_rows
 
 
@@ -298,9 +299,25 @@ def render_html(sections, figures, criteria, col: Collection) -> str:
             f"</head><body>{''.join(body)}</body></html>\n")
 
 
-def write_report(run_dirs: list[Path], out_dir: Path) -> dict:
-    """Read the runs, evaluate the checklist, draw the figures and write every report file; returns report.json."""
+REPORT_FILES = ("report.html", "report.md", "report.json", "checklist.json", "tables.tex")
+
+
+def check_report_dir(out_dir: Path, *, overwrite: bool) -> None:
+    """A report already in ``out_dir`` is replaced only with ``overwrite`` (as every command treats its results)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EsaError(f"--out {out_dir} exists and is not a directory")
+    existing = [name for name in REPORT_FILES if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise EsaError(f"{out_dir} already holds a report ({existing[0]}); pass --overwrite to replace it or choose "
+                       "another --out")
+
+
+def write_report(run_dirs: list[Path], out_dir: Path, *, overwrite: bool = False) -> dict:
+    """Read the runs, evaluate the checklist, draw the figures and write every report file; returns report.json.
+
+    An existing report in ``out_dir`` is refused unless ``overwrite``."""
     out_dir = Path(out_dir)
+    check_report_dir(out_dir, overwrite=overwrite)
     col = collect(run_dirs)
     comparison = cross_metric(col.of("profile"))
     criteria = evaluate_checklist(col, comparison)
