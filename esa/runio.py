@@ -42,8 +42,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     The file gets the mode ``0o666 & ~umask`` like any newly created file. On failure (a full disk, an unwritable
     directory) the temporary file is removed and the old ``path``, if any, is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         # mkstemp creates 0600; a result file gets the mode any new file would get (0644 under umask 022).
         os.fchmod(fd, 0o666 & ~_umask())
@@ -52,9 +55,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
         raise
+
+
+def write_error(path: Path, e: OSError) -> EsaError:
+    """A failed write (full disk, read-only or missing folder) as a one-line error naming the file."""
+    return EsaError(f"cannot write {path}: {e.strerror or e} (free some space or choose another --out-dir)")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -131,10 +141,18 @@ def append_jsonl(path: Path, record: dict) -> None:
     A crash during the write can leave a torn last line; :func:`read_jsonl` drops it.
     """
     line = json.dumps(_json_safe(record), allow_nan=False) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    size = Path(path).stat().st_size if Path(path).exists() else 0
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        try:  # cut a partly written line off, so that the next append starts on a clean line
+            os.truncate(path, size)
+        except OSError:
+            pass  # read_jsonl still drops a torn final line
+        raise write_error(Path(path), e) from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -179,6 +197,18 @@ def is_finished(run_dir: Path) -> bool:
         return False
 
 
+def check_writable(folder: Path, option: str = "--out-dir") -> None:
+    """Fail before any slow work when ``folder`` could not be created or written: its nearest existing
+    ancestor must be a writable directory."""
+    ancestor = Path(folder).absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise EsaError(f"{option} {folder} cannot be created: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise EsaError(f"{option} {folder} is not writable (no write permission on {ancestor})")
+
+
 def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> Path:
     """Check that results may be written to ``run_dir``; create nothing yet.
 
@@ -188,6 +218,7 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> Path:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise EsaError(f"--out-dir {run_dir} exists and is not a directory")
+    check_writable(run_dir)
     if run_dir.is_dir() and is_finished(run_dir) and not overwrite:
         raise EsaError(f"{run_dir} already holds a finished run; pass --overwrite to replace it or choose another --out-dir")
     return run_dir

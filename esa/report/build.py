@@ -21,7 +21,7 @@ from esa.report import checklist as cl
 from esa.report.collect import Collection, Run, collect
 from esa.report.tables import Table, fmt, to_html, to_latex, to_markdown
 from esa.errors import EsaError
-from esa.runio import atomic_write_json, atomic_write_text, read_csv_rows
+from esa.runio import atomic_write_json, atomic_write_text, check_writable, read_csv_rows
 
 
 # ----------------------------------------------------------------------------------------------- analysis
@@ -322,6 +322,7 @@ def check_report_dir(out_dir: Path, *, overwrite: bool) -> None:
     """A report already in ``out_dir`` is replaced only with ``overwrite`` (as every command treats its results)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise EsaError(f"--out {out_dir} exists and is not a directory")
+    check_writable(out_dir, "--out")
     existing = [name for name in REPORT_FILES if (out_dir / name).exists()]
     if existing and not overwrite:
         raise EsaError(f"{out_dir} already holds a report ({existing[0]}); pass --overwrite to replace it or choose "

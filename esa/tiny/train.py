@@ -27,7 +27,7 @@ import torch
 
 from esa.errors import EsaError
 from esa.progress import progress_bar
-from esa.runio import atomic_write_json
+from esa.runio import atomic_write_json, check_writable
 from esa.tiny import corpus
 
 
@@ -117,6 +117,7 @@ def check_out_dir(out_dir: Path, *, overwrite: bool) -> None:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise EsaError(f"--out-dir {out_dir} exists and is not a directory")
+    check_writable(out_dir)
     existing = [name for name in MODEL_FILES if (out_dir / name).exists()]
     if existing and not overwrite:
         raise EsaError(f"{out_dir} already holds a model ({existing[0]}); pass --overwrite to replace it or choose "
