@@ -95,12 +95,15 @@ def plot_top_locations(rows: list[tuple], path_stem: Path, n: int = 200) -> list
             cols, rws, sc = zip(*pts)
             size = 10 + 80 * np.asarray(sc) / max(max(sc), 1e-300)
             ax.scatter(cols, rws, s=size, alpha=0.7)
+            for lim, values in ((ax.set_xlim, cols), (ax.set_ylim, rws)):  # at least a few whole indices in view
+                pad = max(1.0, 0.06 * (max(values) - min(values)))
+                lim(min(values) - pad, max(values) + pad)
         ax.set_title(f"{name.removesuffix('.weight')} ({counts[name]})", fontsize=8)
         ylabel, xlabel = AXIS_NAMES.get(component[name], DEFAULT_AXES)
         ax.set_xlabel(xlabel, fontsize=9)
         ax.set_ylabel(ylabel, fontsize=9)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # indices: never fractional ticks
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # indices: never fractional ticks
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.tick_params(labelsize=8)
         ax.invert_yaxis()
     fig.suptitle(f"Locations of the top {len(rows)} weights (panel title: tensor and its count; size ∝ score)",

@@ -37,7 +37,7 @@ def fmt(x, digits: int = 4) -> str:
             return "∞" if x > 0 else "−∞"
         if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e6):
             return f"{x:.{digits - 1}e}"
-        return f"{x:#.{digits}g}"
+        return f"{x:#.{digits}g}".removesuffix(".")  # "#" keeps trailing zeros; 2042.4 → "2042", not "2042."
     return str(x)
 
 
