@@ -21,7 +21,48 @@ app = typer.Typer(
 )
 tiny_app = typer.Typer(help="The embedded tiny model.", no_args_is_help=True)
 app.add_typer(tiny_app, name="tiny")
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # long lines stay whole in logs; tables: see show()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("esa")
+        except PackageNotFoundError:  # run from a checkout that is not installed
+            number = "unknown (not installed)"
+        typer.echo(f"esa {number}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", help="print esa's version and exit", callback=_version,
+                                          is_eager=True)] = False,
+) -> None:
+    """Extreme Sensitivity Analysis: find the weights of a causal LM that matter most, and test them causally."""
+
+
+def show(table: Table) -> None:
+    """Print ``table`` as a grid when it fits the console unwrapped; otherwise stacked, one block per row of
+    ``column: value`` lines, so that no value is ever wrapped or cut (80 columns, a log file)."""
+    needed = console.measure(table, options=console.options.update_width(1 << 16)).maximum
+    if needed <= console.width:
+        console.print(table)
+        return
+    if table.title:
+        console.print(f"[bold]{table.title}[/]", soft_wrap=True)
+    headers = [str(c.header) for c in table.columns]
+    columns = [list(c.cells) for c in table.columns]
+    for r in range(table.row_count):
+        cells = [str(col[r]) for col in columns]
+        if not table.show_header:  # a two-column label / value table
+            console.print(f"  {cells[0]}: " + "  ".join(cells[1:]), soft_wrap=True)
+            continue
+        console.print(f"  {headers[0]}: {cells[0]}", soft_wrap=True)
+        for header, cell in zip(headers[1:], cells[1:]):
+            console.print(f"      {header}: {cell}", soft_wrap=True)
 
 
 def _fmt(x: float, digits: int = 4) -> str:
@@ -73,7 +114,7 @@ def print_baseline(metrics: dict, described: dict, out_dir: Path) -> None:
     table.add_row("uniform-guess PPL", str(metrics.get("uniform_guess_ppl")))
     table.add_row("model", f"{m['architecture']}, {m['n_parameters']:,} params, {m['dtype']} on {m['device']}")
     table.add_row("dataset", str(described["dataset"].get("dataset")))
-    console.print(table)
+    show(table)
     for warning in metrics.get("leak_warnings", []):
         console.print(f"[bold red]LEAK SUSPECTED:[/] {warning}")
     console.print(f"results in {out_dir}")
@@ -104,6 +145,7 @@ def profile(
     include_norms: o.IncludeNorms = False,
     hutchinson_probes: o.HutchinsonProbes = 8,
     hessian_budget: o.HessianBudget = 4096,
+    bottom_k_include_unused: o.BottomKIncludeUnused = False,
     seeds: o.Seeds = "0,1,2",
     stability_check: o.StabilityCheck = False,
     stability_fraction: o.StabilityFraction = 0.5,
@@ -121,7 +163,7 @@ def profile(
         model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation),
         data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
         selection=o.selection_config(metric, mode, topk, include, exclude, include_biases, include_norms,
-                                     hutchinson_probes, hessian_budget),
+                                     hutchinson_probes, hessian_budget, bottom_k_include_unused),
         seeds=o.parse_seeds(seeds), stability_check=stability_check, stability_fraction=stability_fraction,
         save_scores=save_scores, save_plots=save_plots, out_dir=str(out_dir), overwrite=overwrite,
     )
@@ -151,7 +193,7 @@ def print_profile(metrics: dict, stability: dict | None, out_dir: Path) -> None:
     if stability:
         pairs = ", ".join(f"{k}: {v:.3f}" for k, v in stability["pairwise_jaccard"].items())
         table.add_row("top-k Jaccard across seeds", f"mean {stability['mean_jaccard']:.3f} ({pairs})")
-    console.print(table)
+    show(table)
     if stability and stability.get("warning"):
         console.print(f"[yellow]warning:[/] {stability['warning']}")
     console.print(f"results in {out_dir}")
@@ -175,7 +217,7 @@ def compare(
     for p in result["pairs"]:
         table.add_row(p["a"], p["b"], _fmt(p["overlap_at_k"], 3), _fmt(p["jaccard"], 3), _fmt(p["spearman"], 3),
                       p["basis"])
-    console.print(table)
+    show(table)
     if out is not None:
         console.print(f"results in {out}")
 
@@ -207,7 +249,7 @@ def tensors(
         table.add_row(info.name + ("" if not info.aliases else f" (= {', '.join(info.aliases)})"),
                       "×".join(map(str, info.shape)), "" if info.layer is None else str(info.layer), info.component,
                       f"{info.numel:,}")
-    console.print(table)
+    show(table)
     console.print(f"{len(chosen)} tensors, {sum(i.numel for i, _ in chosen):,} weights")
 
 
@@ -236,6 +278,7 @@ def perturb(
     include_norms: o.IncludeNorms = False,
     hutchinson_probes: o.HutchinsonProbes = 8,
     hessian_budget: o.HessianBudget = 4096,
+    bottom_k_include_unused: o.BottomKIncludeUnused = False,
     perturb: o.Perturb = "zero",
     perturb_scale: o.PerturbScale = 1.0,
     perturb_prob: o.PerturbProb = 1.0,
@@ -263,7 +306,7 @@ def perturb(
         model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation),
         data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
         selection=o.selection_config(metric, mode, topk, include, exclude, include_biases, include_norms,
-                                     hutchinson_probes, hessian_budget),
+                                     hutchinson_probes, hessian_budget, bottom_k_include_unused),
         perturb=perturb, perturb_scale=perturb_scale, perturb_prob=perturb_prob, bits=bits,
         controls=o.parse_controls(controls), seeds=o.parse_seeds(seeds),
         from_profile=str(from_profile) if from_profile else None, weights_file=str(weights) if weights else None,
@@ -292,7 +335,7 @@ def print_perturb(results: dict, out_dir: Path) -> None:
         table.add_row(cond, f"{c['n_weights']:,}", f"{c['ppl']:.4f}", f"{c['delta_ppl']:+.4g}",
                       f"[{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else "n/a", spread,
                       f"{c['n_collapsed']}/{c['n_trials']}")
-    console.print(table)
+    show(table)
     for key, t in results["tests"].items():
         seeds = t.get("across_seeds", {})
         console.print(f"{key.replace('_vs_', ' vs ')}: paired t p={_p(t.get('p_paired_t'))}, "
@@ -314,11 +357,12 @@ def report(
                                                    "out-dir)")],
     out: Annotated[Path, typer.Option(help="where to write report.html, report.md, tables.tex, figures/")] = Path(
         "runs/report"),
+    overwrite: Annotated[bool, typer.Option(help="replace a report already in --out")] = False,
 ) -> None:
     """Figures, tables (Markdown, HTML, LaTeX) and the evidence checklist from finished runs; loads no model."""
     from esa.report import write_report
 
-    summary = write_report(run_dirs, out)
+    summary = write_report(run_dirs, out, overwrite=overwrite)
     print_checklist(out / "checklist.json")
     if summary["skipped"]:
         console.print("[yellow]left out:[/] " + "; ".join(summary["skipped"]))
@@ -337,7 +381,7 @@ def print_checklist(path: Path) -> None:
         value = c["value"] if isinstance(c["value"], str) else fmt(c["value"])
         table.add_row(c["name"], c["run"] or "all", value, c["threshold"],
                       f"[{colour[c['status']]}]{c['status']}[/]")
-    console.print(table)
+    show(table)
 
 
 @user_errors
@@ -386,13 +430,15 @@ def run(
         controls=o.parse_controls(controls), seeds=o.parse_seeds(seeds), stability_check=stability_check,
         save_plots=save_plots, out_dir=str(out_dir), overwrite=overwrite,
     )
-    results = run_runbook(config, announce=lambda line: console.print(f"[bold]▶[/] {line}"))
-    if results.get("baseline") is not None:
-        print_baseline(results["baseline"].metrics, results["baseline"].session.describe(), out_dir / "baseline")
-    if results.get("profile") is not None:
-        print_profile(results["profile"]["metrics"], results["profile"]["stability"], out_dir / "profile")
-    if results.get("perturb") is not None:
-        print_perturb(results["perturb"]["results"], out_dir / "perturb")
+    def finished(phase: str, result) -> None:  # each phase's table right after its ▶ line
+        if phase == "baseline":
+            print_baseline(result.metrics, result.session.describe(), out_dir / "baseline")
+        elif phase == "profile":
+            print_profile(result["metrics"], result["stability"], out_dir / "profile")
+        elif phase == "perturb":
+            print_perturb(result["results"], out_dir / "perturb")
+
+    run_runbook(config, announce=lambda line: console.print(f"[bold]▶[/] {line}"), finished=finished)
     print_checklist(out_dir / "report" / "checklist.json")
     console.print(f"report in {out_dir / 'report' / 'report.html'}")
 
@@ -406,17 +452,18 @@ runbook_app.command()(run)
 @tiny_app.command("train")
 @user_errors
 def tiny_train(
-    out_dir: Annotated[Path, typer.Option(help="where to write the model [default: the package's own assets]")] = None,
+    out_dir: Annotated[Path, typer.Option(help="where to write the model (to replace the embedded one: "
+                                          "esa/tiny/assets with --overwrite)")] = Path("esa-tiny"),
     steps: Annotated[int, typer.Option(help="optimizer steps")] = 1200,
     seed: Annotated[int, typer.Option(help="seed of initialisation and batches")] = 0,
+    overwrite: o.Overwrite = False,
 ) -> None:
-    """Rebuild the embedded tiny model from Python's own documentation (about 10 minutes on 2 CPU cores)."""
-    from esa.tiny import ASSETS_DIR
+    """Rebuild the embedded tiny model from Python's own documentation (about 5 minutes on 2 idle CPU cores)."""
     from esa.tiny.train import TinyRecipe, train
 
-    summary = train(out_dir or ASSETS_DIR, TinyRecipe(steps=steps, seed=seed))
+    summary = train(out_dir, TinyRecipe(steps=steps, seed=seed), overwrite=overwrite)
     console.print(f"held-out PPL {summary['held_out_ppl']:.2f} (uniform guess {summary['uniform_guess_ppl']}); "
-                  f"written to {out_dir or ASSETS_DIR}")
+                  f"written to {out_dir}")
 
 
 def main() -> None:

@@ -57,6 +57,10 @@ Mode = Annotated[str, typer.Option(help="per_layer (top-k in every tensor) | glo
                                    rich_help_panel="Selection")]
 TopK = Annotated[int, typer.Option("--topk", "-k", help="weights selected (per tensor in per_layer mode)",
                                    rich_help_panel="Selection")]
+BottomKIncludeUnused = Annotated[bool, typer.Option(
+    "--bottom-k-include-unused", help="let bottom_k pick weights with a zero score (unused by the evaluation, e.g. "
+    "embedding rows of tokens that never occur); by default they are left out and counted",
+    rich_help_panel="Selection")]
 Include = Annotated[Optional[list[str]], typer.Option(help="score only tensors matching this glob (repeatable), e.g. "
                                                       "'*layers.1.mlp.*'", rich_help_panel="Selection")]
 Exclude = Annotated[Optional[list[str]], typer.Option(help="skip tensors matching this glob (repeatable)",
@@ -117,7 +121,8 @@ def parse_controls(text: str) -> list[str]:
 
 
 def selection_config(metric, mode, topk, include, exclude, include_biases, include_norms, hutchinson_probes,
-                     hessian_budget) -> SelectionConfig:
+                     hessian_budget, bottom_k_include_unused: bool = False) -> SelectionConfig:
     return SelectionConfig(metric=metric, mode=mode, topk=topk, include=list(include or []),
                            exclude=list(exclude or []), include_biases=include_biases, include_norms=include_norms,
-                           hutchinson_probes=hutchinson_probes, hessian_budget=hessian_budget)
+                           hutchinson_probes=hutchinson_probes, hessian_budget=hessian_budget,
+                           bottom_k_include_unused=bottom_k_include_unused)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from esa.config import BaselineConfig, to_dict
+from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate, leak_warnings, require_finite
 from esa.manifest import Timer, build_manifest
 from esa.modeling import LoadedModel
@@ -59,6 +60,17 @@ def begin_run(out_dir: Path, overwrite: bool) -> None:
         manifest.unlink()
 
 
+def check_finite_weights(model) -> None:
+    """Refuse a model whose weights hold NaN or Inf, naming the first such tensor (one pass, tensor by tensor)."""
+    import torch
+
+    for name, p in model.named_parameters():
+        bad = int((~torch.isfinite(p.detach())).sum())
+        if bad:
+            raise EsaError(f"the model's weights are broken: {name} holds {bad:,} NaN/Inf value(s) of {p.numel():,}; "
+                           "check the checkpoint (or its --dtype conversion)")
+
+
 def run_baseline(config: BaselineConfig, *, command: str = "baseline", session: Session | None = None) -> BaselineRun:
     """Evaluate and write the run; ``session`` reuses a loaded model and its windows (``esa run``)."""
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
@@ -66,6 +78,7 @@ def run_baseline(config: BaselineConfig, *, command: str = "baseline", session: 
     timer = Timer()
     with timer.phase("load"):
         session = session or open_session(config.model, config.data)
+    check_finite_weights(session.loaded.model)
     with timer.phase("evaluate"):
         result = evaluate(session.loaded.model, session.windows.input_ids, batch_size=config.data.batch_size,
                           description="baseline")

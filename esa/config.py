@@ -49,6 +49,7 @@ class SelectionConfig:
     include_norms: bool = False
     hutchinson_probes: int = 8
     hessian_budget: int = 4096  # most weights hessian_diag may score (one HVP per weight)
+    bottom_k_include_unused: bool = False  # bottom_k may pick zero-score (unused) weights, the old behaviour
 
 
 @dataclass

@@ -66,29 +66,48 @@ def plot_heatmap(rows: list[tuple], value_index: int, title: str, path_stem: Pat
     return save(fig, path_stem)
 
 
+AXIS_NAMES = {"embed": ("row (token id)", "col (embedding dimension)"),
+              "lm_head": ("row (token id)", "col (hidden dimension)")}
+DEFAULT_AXES = ("row (output channel)", "col (input channel)")
+
+
 def plot_top_locations(rows: list[tuple], path_stem: Path, n: int = 200) -> list[Path]:
     """The top weights as (input column, output row) points, one panel per tensor holding the most of them.
 
-    ``rows`` are top_weights.csv rows; a column shared by several top weights shows up as a vertical line —
-    the signature of a massive-activation channel feeding super weights.
+    ``rows`` are top_weights.csv rows (rank, tensor, layer, component, expert, row, col, flat_index, score, ...),
+    row and col as integers; a column shared by several top weights shows up as a vertical line — the signature
+    of a massive-activation channel feeding super weights. Rows of the embedding and of lm_head are token ids.
     """
+    from matplotlib.ticker import MaxNLocator
+
     rows = rows[:n]
     counts: dict[str, int] = {}
+    component: dict[str, str] = {}
     for r in rows:
         counts[r[1]] = counts.get(r[1], 0) + 1
+        component[r[1]] = r[3]
     tensors = sorted(counts, key=lambda t: -counts[t])[:4]
-    fig, axes = plt.subplots(1, max(1, len(tensors)), figsize=(4.2 * max(1, len(tensors)), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(tensors)), figsize=(4.4 * max(1, len(tensors)), 4.0), squeeze=False,
+                             layout="constrained")
     for ax, name in zip(axes[0], tensors):
-        pts = [(r[6], r[5], float(r[8])) for r in rows if r[1] == name and r[6] != ""]
+        pts = [(int(r[6]), int(r[5]), float(r[8])) for r in rows if r[1] == name and r[6] != ""]
         if pts:
             cols, rws, sc = zip(*pts)
-            size = 10 + 80 * np.asarray(sc) / max(sc)
+            size = 10 + 80 * np.asarray(sc) / max(max(sc), 1e-300)
             ax.scatter(cols, rws, s=size, alpha=0.7)
-        ax.set_title(name.removesuffix(".weight"), fontsize=8)
-        ax.set_xlabel("col (input channel)")
-        ax.set_ylabel("row (output channel)")
+            for lim, values in ((ax.set_xlim, cols), (ax.set_ylim, rws)):  # at least a few whole indices in view
+                pad = max(1.0, 0.06 * (max(values) - min(values)))
+                lim(min(values) - pad, max(values) + pad)
+        ax.set_title(f"{name.removesuffix('.weight')} ({counts[name]})", fontsize=8)
+        ylabel, xlabel = AXIS_NAMES.get(component[name], DEFAULT_AXES)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # indices: never fractional ticks
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.tick_params(labelsize=8)
         ax.invert_yaxis()
-    fig.suptitle(f"Locations of the top {len(rows)} weights")
+    fig.suptitle(f"Locations of the top {len(rows)} weights (panel title: tensor and its count; size ∝ score)",
+                 fontsize=10)
     return save(fig, path_stem)
 
 

@@ -7,7 +7,8 @@ Files in the run directory:
 - ``score_stats.json``: the same for the whole model and per component, plus zero counts;
 - ``locations.csv``: layer × component table of top-k counts and of score mass;
 - ``ccdf.csv``: per component, the score CCDF P(S ≥ x) at up to 400 log-spaced points (what the plots draw);
-- ``metrics.json``: headline numbers (share of top-k in embeddings / lm_head, tail index, stability);
+- ``metrics.json``: headline numbers (share of top-k in embeddings / lm_head, tail index, stability, and under
+  ``bottom_k`` how many unused (zero-score) weights bottom-k left out: see :mod:`esa.selection`);
 - ``stability.json`` and ``stability/top_weights_seed<S>.csv`` with ``--stability-check``;
 - ``scores.safetensors`` with ``--save-scores`` (float32, one entry per tensor: 4 bytes per weight);
 - ``plots/`` with ``--save-plots``; ``config.json``; ``experiment_manifest.json`` (last).
@@ -77,7 +78,7 @@ def score_and_select(session: Session, sel: SelectionConfig, windows: torch.Tens
     scores = compute_scores(session.loaded.model, tensors, windows, sel.metric, batch_size=batch_size,
                             hutchinson_probes=sel.hutchinson_probes, hessian_budget=sel.hessian_budget, seed=seed)
     top = select_extreme(scores, sel.topk, sel.mode, largest=True)
-    bottom = select_extreme(scores, sel.topk, sel.mode, largest=False)
+    bottom = select_extreme(scores, sel.topk, sel.mode, largest=False, skip_unused=not sel.bottom_k_include_unused)
     summaries = {}
     if summarize:
         tail = max(sel.topk, MIN_TAIL_VALUES)
@@ -329,6 +330,7 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
         "scored_tensors": len(selection.tensors),
         "scored_weights": int(sum(t.numel for t in selection.tensors)),
         "zero_scores": int(model_stats["zeros"]),
+        "bottom_k": bottom_k_record(selection.bottom),
         "top1": _first(selection.top, selection.tensors),
         "topk_mass_share": model_stats["topk_mass_share"],
         "max_over_mean": model_stats["max_over_mean"],
@@ -349,6 +351,13 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
     extra = {**session.describe(), "scoring": {"metric": sel.metric, "tensors": [t.name for t in selection.tensors]}}
     atomic_write_json(out_dir / MANIFEST, build_manifest(command, timer=timer, extra=extra))
     return {"out_dir": out_dir, "metrics": metrics, "stability": stab, "session": session, "selection": selection}
+
+
+def bottom_k_record(bottom: WeightSet) -> dict:
+    """How bottom_k was chosen: its size, and how many unused (zero-score) weights it left out (None when
+    ``--bottom-k-include-unused`` let it pick them)."""
+    return {"selected": len(bottom), "unused_left_out": bottom.meta.get("unused_left_out"),
+            "include_unused": "unused_left_out" not in bottom.meta}
 
 
 def _first(ws: WeightSet, tensors: list[TensorInfo]) -> dict | None:

@@ -114,8 +114,12 @@ def plan(cfg: RunbookConfig, configs: dict[str, object]) -> dict[str, str]:
     return decisions
 
 
-def run_runbook(cfg: RunbookConfig, *, announce: Callable[[str], None] = print) -> dict:
-    """Run (or reuse) every phase, then write the report; returns {phase: result dict or None}."""
+def run_runbook(cfg: RunbookConfig, *, announce: Callable[[str], None] = print,
+                finished: Callable[[str, object], None] | None = None) -> dict:
+    """Run (or reuse) every phase, then write the report; returns {phase: result dict or None}.
+
+    ``announce`` gets a line as each phase starts, ``finished(phase, result)`` each phase's result as it ends (so
+    that what is printed about a phase follows its announcement)."""
     from esa.baseline import run_baseline
     from esa.profile import open_for_selection, run_profile, validate_profile
     from esa.report import write_report
@@ -145,7 +149,10 @@ def run_runbook(cfg: RunbookConfig, *, announce: Callable[[str], None] = print) 
             session = open_for_selection(cfg.model, cfg.data, cfg.selection)  # one load for every phase
         announce(f"{name}: running into {config.out_dir}")
         results[name] = runners[name](config, session=session, command=f"run:{name}")
+        if finished is not None:
+            finished(name, results[name])
     report_dir = Path(cfg.out_dir) / "report"
     announce(f"report: writing {report_dir}")
-    results["report"] = write_report([Path(c.out_dir) for c in configs.values()], report_dir)
+    # The runbook's report is derived from its phases, so it is always redrawn from them.
+    results["report"] = write_report([Path(c.out_dir) for c in configs.values()], report_dir, overwrite=True)
     return results

@@ -20,38 +20,75 @@ from typing import Any, Iterable, Sequence
 from esa.errors import EsaError
 
 MANIFEST = "experiment_manifest.json"
+JSON_SIGNIFICANT_DIGITS = 12  # floats in JSON files: enough for any measurement, no binary noise (1e-4, not 9.99…9e-05)
+
+
+def _umask() -> int:
+    """The process umask: from /proc on Linux, else by setting it and straight back (not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory + fsync + rename)."""
+    """Write ``data`` to ``path`` atomically (temp file in the same directory + fsync + rename).
+
+    The file gets the mode ``0o666 & ~umask`` like any newly created file. On failure (a full disk, an unwritable
+    directory) the temporary file is removed and the old ``path``, if any, is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from None
+    try:
+        # mkstemp creates 0600; a result file gets the mode any new file would get (0644 under umask 022).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
         raise
+
+
+def write_error(path: Path, e: OSError) -> EsaError:
+    """A failed write (full disk, read-only or missing folder) as a one-line error naming the file."""
+    return EsaError(f"cannot write {path}: {e.strerror or e} (free some space or choose another --out-dir)")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _json_safe(obj: Any) -> Any:
-    """Replace non-finite floats by strings ("nan", "inf", "-inf") so the file stays standard JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+def round_float(x: float, digits: int = JSON_SIGNIFICANT_DIGITS) -> float:
+    """``x`` rounded to ``digits`` significant digits (``9.999999999998899e-05`` → ``0.0001``); ints untouched."""
+    return float(f"{x:.{digits}g}")
+
+
+def _json_safe(obj: Any, digits: int | None = None) -> Any:
+    """Replace non-finite floats by strings ("nan", "inf", "-inf") so the file stays standard JSON; with
+    ``digits``, round finite floats to that many significant digits."""
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+        return obj if digits is None else round_float(obj, digits)
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): _json_safe(v, digits) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [_json_safe(v, digits) for v in obj]
     if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return _json_safe(obj.item())
+        return _json_safe(obj.item(), digits)
     return obj
 
 
@@ -70,7 +107,10 @@ def _json_restore(obj: Any) -> Any:
 
 
 def to_json(obj: Any) -> str:
-    return json.dumps(_json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    """Indented standard JSON; floats rounded to :data:`JSON_SIGNIFICANT_DIGITS` significant digits.
+
+    (``trials.jsonl`` is not rounded: its per-window NLLs are the raw data that statistics are recomputed from.)"""
+    return json.dumps(_json_safe(obj, JSON_SIGNIFICANT_DIGITS), indent=2, sort_keys=False, allow_nan=False) + "\n"
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -101,10 +141,18 @@ def append_jsonl(path: Path, record: dict) -> None:
     A crash during the write can leave a torn last line; :func:`read_jsonl` drops it.
     """
     line = json.dumps(_json_safe(record), allow_nan=False) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    size = Path(path).stat().st_size if Path(path).exists() else 0
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        try:  # cut a partly written line off, so that the next append starts on a clean line
+            os.truncate(path, size)
+        except OSError:
+            pass  # read_jsonl still drops a torn final line
+        raise write_error(Path(path), e) from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -149,6 +197,18 @@ def is_finished(run_dir: Path) -> bool:
         return False
 
 
+def check_writable(folder: Path, option: str = "--out-dir") -> None:
+    """Fail before any slow work when ``folder`` could not be created or written: its nearest existing
+    ancestor must be a writable directory."""
+    ancestor = Path(folder).absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise EsaError(f"{option} {folder} cannot be created: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise EsaError(f"{option} {folder} is not writable (no write permission on {ancestor})")
+
+
 def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> Path:
     """Check that results may be written to ``run_dir``; create nothing yet.
 
@@ -158,6 +218,7 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> Path:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise EsaError(f"--out-dir {run_dir} exists and is not a directory")
+    check_writable(run_dir)
     if run_dir.is_dir() and is_finished(run_dir) and not overwrite:
         raise EsaError(f"{run_dir} already holds a finished run; pass --overwrite to replace it or choose another --out-dir")
     return run_dir

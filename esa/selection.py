@@ -8,12 +8,20 @@ tensor, keeping only the best k so far, so it holds and sorts at most 2k candida
 of tensors. Per-tensor selection streams each score buffer through :func:`esa.kernels.topk`, which never sorts
 more than 2^31 elements at once.
 
+Unused weights and bottom-k: a weight whose score is exactly zero (its gradient is zero on every window, e.g. the
+embedding row of a token that never occurs) is *unused* by the evaluation, not "least sensitive": perturbing it
+cannot move the loss, so a bottom-k control made of such weights tests nothing. Bottom-k therefore ranks only the
+weights with a non-zero score (``skip_unused=True``) and records how many were left out
+(``meta["unused_left_out"]``); with fewer used weights than k it returns fewer than k.
+
 ``random_k`` draws uniformly without replacement, never picking an element of the top-k set; by default it is
 stratified to the top-k set's per-tensor counts, so the control differs in *which* weights, not *where*.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import zlib
 from dataclasses import dataclass, field
 
@@ -71,27 +79,43 @@ def _empty(kind: str) -> WeightSet:
     return WeightSet([], np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), kind)
 
 
-def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True) -> WeightSet:
-    """Top-k (``largest``) or bottom-k of ``scores`` in ``per_layer`` or ``global`` mode; exact, ties as above."""
+def _ranked(score: torch.Tensor, skip_unused: bool) -> torch.Tensor:
+    """The values to rank: with ``skip_unused``, zero scores become +inf so that a bottom-k never reaches them
+    before a used weight (a transient copy of one tensor's scores)."""
+    return score.masked_fill(score == 0, math.inf) if skip_unused else score
+
+
+def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True,
+                   skip_unused: bool = False) -> WeightSet:
+    """Top-k (``largest``) or bottom-k of ``scores`` in ``per_layer`` or ``global`` mode; exact, ties as above.
+
+    ``skip_unused`` (bottom-k only): rank only weights with a non-zero score; the number of zero-score weights
+    left out is ``meta["unused_left_out"]`` (counted over every scored tensor)."""
     if mode not in MODES:
         raise EsaError(f"unknown --mode {mode!r}; use per_layer or global")
     if k < 1:
         raise EsaError(f"--topk must be at least 1 (got {k})")
     _check_scores(scores)
     kind = "top_k" if largest else "bottom_k"
+    skip_unused = skip_unused and not largest
     infos = [t for t in scores.tensors if t.name in scores.scores]
+    meta: dict = {"mode": mode, "k": k}
+    if skip_unused:
+        meta["unused_left_out"] = int(sum(int((scores.scores[t.name] == 0).sum()) for t in infos))
     if mode == "per_layer":
         names, flat, vals, ranks = [], [], [], []
         for info in infos:
-            values, idx = topk(scores.scores[info.name], min(k, info.numel), largest=largest)
+            values, idx = topk(_ranked(scores.scores[info.name], skip_unused), min(k, info.numel), largest=largest)
+            if skip_unused:
+                used = torch.isfinite(values)
+                values, idx = values[used], idx[used]
             names += [info.name] * idx.numel()
             flat.append(idx.cpu().numpy())
             vals.append(values.double().cpu().numpy())
             ranks.append(np.arange(idx.numel()))
         if not names:
-            return _empty(kind)
-        return WeightSet(names, np.concatenate(flat), np.concatenate(vals), np.concatenate(ranks), kind,
-                         {"mode": mode, "k": k})
+            return dataclasses.replace(_empty(kind), meta=meta)
+        return WeightSet(names, np.concatenate(flat), np.concatenate(vals), np.concatenate(ranks), kind, meta)
     if k > MAX_GLOBAL_K:
         raise EsaError(f"--topk {k:,} is too large for global mode (at most {MAX_GLOBAL_K:,})")
     k = min(k, sum(t.numel for t in infos))
@@ -102,7 +126,7 @@ def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True)
     run_idx = torch.empty(0, dtype=torch.int64)
     run_val = torch.empty(0, dtype=torch.float32)
     for p, info in enumerate(infos):
-        values, idx = topk(scores.scores[info.name], min(k, info.numel), largest=largest)
+        values, idx = topk(_ranked(scores.scores[info.name], skip_unused), min(k, info.numel), largest=largest)
         which, merged_val, merged_idx = merge_topk(
             [(run_val, torch.arange(run_val.numel())), (values.cpu(), idx.cpu())],
             min(k, run_val.numel() + values.numel()), largest=largest)
@@ -112,9 +136,12 @@ def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True)
         new_idx = merged_idx.clone()
         new_idx[from_run] = run_idx[merged_idx[from_run]]
         run_pos, run_idx, run_val = new_pos, new_idx, merged_val
+    if skip_unused:
+        used = torch.isfinite(run_val)
+        run_pos, run_idx, run_val = run_pos[used], run_idx[used], run_val[used]
     names = [infos[p].name for p in run_pos.tolist()]
-    return WeightSet(names, run_idx.numpy(), run_val.double().numpy(), np.arange(len(names)), kind,
-                     {"mode": mode, "k": k})
+    meta["k"] = k
+    return WeightSet(names, run_idx.numpy(), run_val.double().numpy(), np.arange(len(names)), kind, meta)
 
 
 def _stream_seed(seed: int, name: str) -> int:

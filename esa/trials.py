@@ -20,6 +20,7 @@ baseline first), ``results.json`` (:mod:`esa.stats`), ``plots/`` with ``--save-p
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 
 from esa import stats
 from esa.baseline import begin_run
-from esa.config import PerturbConfig, same_config, to_dict
+from esa.config import PerturbConfig, SelectionConfig, same_config, to_dict
 from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate, require_finite
 from esa.fingerprint import model_fingerprint
@@ -121,6 +122,7 @@ def _profile_sets(run_dir: Path, seeds: list[int], stability: bool, model_id: st
         raise EsaError(f"--from-profile {run_dir} profiled {profiled!r}, not {model_id!r}; pass the same --model")
     if not stability:
         top, bottom = read_weights(run_dir / "top_weights.csv"), read_weights(run_dir / "bottom_weights.csv", "bottom_k")
+        bottom.meta = read_json(run_dir / "metrics.json").get("bottom_k", {})
         return {s: top for s in seeds}, {s: bottom for s in seeds}
     tops, bottoms = {}, {}
     for s in seeds:
@@ -131,6 +133,16 @@ def _profile_sets(run_dir: Path, seeds: list[int], stability: bool, model_id: st
         tops[s] = read_weights(path)
         bottoms[s] = read_weights(run_dir / "stability" / f"bottom_weights_seed{s}.csv", "bottom_k")
     return tops, bottoms
+
+
+def with_profile_selection(config: PerturbConfig) -> PerturbConfig:
+    """``config`` with the selection settings of its ``--from-profile`` run, which are the ones that chose the
+    sets (so config.json records what ran, not the command's defaults)."""
+    run_dir = Path(config.from_profile)
+    if not is_finished(run_dir):
+        raise EsaError(f"--from-profile {run_dir} is not a finished profile run")
+    saved = read_json(run_dir / "config.json").get("selection", {})
+    return dataclasses.replace(config, selection=SelectionConfig(**saved))
 
 
 def build_sets(config: PerturbConfig, session: Session) -> dict[int, dict[str, WeightSet]]:
@@ -179,10 +191,17 @@ def save_sets(out_dir: Path, sets: dict[int, dict[str, WeightSet]], model: torch
     for s, by_condition in sets.items():
         for condition, ws in by_condition.items():
             write_weights(out_dir / "sets" / f"{condition}_seed{s}.csv", ws, infos, params)
+    atomic_write_json(out_dir / "sets" / "meta.json", {f"{c}_seed{s}": ws.meta for s, by_c in sets.items()
+                                                       for c, ws in by_c.items()})
 
 
 def load_sets(out_dir: Path, seeds: list[int], conditions: list[str]) -> dict[int, dict[str, WeightSet]]:
-    return {s: {c: read_weights(out_dir / "sets" / f"{c}_seed{s}.csv", c) for c in conditions} for s in seeds}
+    sets = {s: {c: read_weights(out_dir / "sets" / f"{c}_seed{s}.csv", c) for c in conditions} for s in seeds}
+    meta = read_json(out_dir / "sets" / "meta.json") if (out_dir / "sets" / "meta.json").exists() else {}
+    for s, by_c in sets.items():
+        for c, ws in by_c.items():
+            ws.meta = meta.get(f"{c}_seed{s}", {})
+    return sets
 
 
 # ----------------------------------------------------------------------------------------------- trials
@@ -215,6 +234,8 @@ def prepare_perturb_dir(config: PerturbConfig) -> tuple[Path, bool]:
 def run_perturb(config: PerturbConfig, *, command: str = "perturb", session: Session | None = None) -> dict:
     """Run (or resume) the trials and write the run; ``session`` reuses a loaded model (``esa run``)."""
     validate_perturb(config)
+    if config.from_profile:
+        config = with_profile_selection(config)
     out_dir, resuming = prepare_perturb_dir(config)
     timer = Timer()
     with timer.phase("load"):
@@ -304,6 +325,9 @@ def summarize(config: PerturbConfig, done: dict, sets: dict, conditions: list[st
     out["perturbation"] = {"kind": spec.kind, "scale": spec.scale, "prob": spec.prob, "bits": spec.bits}
     out["seeds"] = config.seeds
     out["set_sizes"] = {c: len(sets[config.seeds[0]][c]) for c in conditions}
+    if "bottom_k" in conditions:  # zero-score weights that bottom_k left out (esa.selection), per seed
+        out["bottom_k_unused_left_out"] = {str(s): sets[s]["bottom_k"].meta.get("unused_left_out")
+                                           for s in config.seeds}
     out["source"] = ("weights_file" if config.weights_file else "from_profile" if config.from_profile else "selection")
     if config.stability_check:
         supers = [sets[s]["super"] for s in config.seeds]

@@ -119,3 +119,22 @@ def test_jaccard_and_overlap():
     assert jaccard(a, a) == 1.0
     assert jaccard(a, b) == pytest.approx(4 / 6)
     assert overlap_at_k(a, b) == 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays=arrays_strategy, k=st.integers(1, 80), mode=st.sampled_from(["global", "per_layer"]))
+def test_bottom_k_leaves_out_unused_weights_and_counts_them(arrays, k, mode):
+    """A zero score means the evaluation cannot move that weight: bottom_k ranks only non-zero scores (fewer than
+    k when fewer are used), and says how many it left out; --bottom-k-include-unused restores the old ranking."""
+    ws = select_extreme(make_scores(arrays), k, mode, largest=False, skip_unused=True)
+    used = [e for e in full_sort(arrays, largest=False) if e[0] != 0]
+    if mode == "global":
+        ref = used[:k]
+    else:  # k per tensor, tensors in model order
+        ref = [e for t in range(len(arrays)) for e in [u for u in used if u[1] == t][:k]]
+    assert [(f"layers.{t}.mlp.down_proj.weight", i) for _, t, i in ref] == list(zip(ws.tensor, ws.flat_index.tolist()))
+    assert (ws.score > 0).all()
+    assert ws.meta["unused_left_out"] == sum(int((a == 0).sum()) for a in arrays)
+    old = select_extreme(make_scores(arrays), k, mode, largest=False)
+    assert "unused_left_out" not in old.meta
+    assert len(old) == (min(k, sum(a.size for a in arrays)) if mode == "global" else sum(min(k, a.size) for a in arrays))

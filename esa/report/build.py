@@ -20,7 +20,8 @@ from pathlib import Path
 from esa.report import checklist as cl
 from esa.report.collect import Collection, Run, collect
 from esa.report.tables import Table, fmt, to_html, to_latex, to_markdown
-from esa.runio import atomic_write_json, atomic_write_text, read_csv_rows
+from esa.errors import EsaError
+from esa.runio import atomic_write_json, atomic_write_text, check_writable, read_csv_rows
 
 
 # ----------------------------------------------------------------------------------------------- analysis
@@ -86,7 +87,7 @@ def baseline_table(runs: list[Run]) -> Table:
                      f"{w.get('n_windows')} × {w.get('seq_len')}", fmt(m.get("tokens")), fmt(m.get("ppl")),
                      fmt(m.get("mean_nll")), fmt(m.get("accuracy")), fmt(m.get("uniform_guess_ppl")),
                      "LEAK SUSPECTED" if m.get("leak_warnings") else "no"])
-    return Table("baseline", "Baseline", ["run", "model", "dataset", "windows × seq_len", "tokens", "PPL",
+    return Table("baseline", "Perplexity, loss and next-token accuracy on the evaluation windows", ["run", "model", "dataset", "windows × seq_len", "tokens", "PPL",
                                           "NLL (nats/token)", "accuracy", "uniform-guess PPL", "leak"], rows,
                  align=["l", "l", "l", "r", "r", "r", "r", "r", "r", "l"])
 
@@ -181,7 +182,7 @@ def tests_table(runs: list[Run]) -> Table:
 def checklist_table(criteria: list[cl.Criterion]) -> Table:
     rows = [[c.group, c.name, c.run or "all", fmt(c.value) if not isinstance(c.value, str) else c.value,
              c.threshold, c.status, c.detail] for c in criteria]
-    return Table("checklist", "Evidence checklist", ["group", "criterion", "run", "measured", "threshold", "status",
+    return Table("checklist", "Each criterion: what was measured, the threshold, the verdict", ["group", "criterion", "run", "measured", "threshold", "status",
                                                      "detail"], rows, status_column=5,
                  align=["l", "l", "l", "r", "l", "l", "l"])
 
@@ -205,6 +206,13 @@ def environment_table(col: Collection) -> Table:
 
 
 # ----------------------------------------------------------------------------------------------- figures
+def top_location_rows(path: Path) -> list[tuple]:
+    """top_weights.csv as the tuples :func:`esa.plots.plot_top_locations` draws (row, col and score as numbers)."""
+    return [(int(x["rank"]), x["tensor"], x["layer"], x["component"], x["expert"], int(x["row"]),
+             "" if x["col"] == "" else int(x["col"]), int(x["flat_index"]), float(x["score"]))
+            for x in read_csv_rows(path, required=("rank", "tensor", "component", "row", "col", "score"))]
+
+
 def make_figures(col: Collection, comparison: dict | None, fig_dir: Path) -> list[tuple[str, Path]]:
     """(caption, PNG path) of every figure drawn from the run files (a PDF is written beside each PNG)."""
     from esa import plots
@@ -224,6 +232,9 @@ def make_figures(col: Collection, comparison: dict | None, fig_dir: Path) -> lis
                            "share")
         figures.append((f"Top-k counts per layer × component — {r.label}", fig_dir / f"heatmap_count_{key}.png"))
         figures.append((f"Share of score mass per layer × component — {r.label}", fig_dir / f"heatmap_mass_{key}.png"))
+        plots.plot_top_locations(top_location_rows(r.dir / "top_weights.csv"), fig_dir / f"top_locations_{key}")
+        figures.append((f"Where the top weights sit (row × column per tensor) — {r.label}",
+                        fig_dir / f"top_locations_{key}.png"))
     if comparison is not None:
         plots.plot_matrix(comparison["overlap_at_k"], comparison["labels"], "Top-k overlap@k between profile runs",
                           fig_dir / "overlap_matrix")
@@ -241,8 +252,9 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em aut
 table{border-collapse:collapse;margin:1em 0;font-size:13px}caption{text-align:left;font-weight:600;padding:4px 0}
 th,td{border-bottom:1px solid #ddd;padding:3px 8px}th{background:#f4f4f4}td.r,th.r{text-align:right}
 td.status-met{color:#1a7f37;font-weight:600}td.status-not-met{color:#cf222e;font-weight:600}
-td.status-not-measured{color:#888}figure{display:inline-block;margin:1em;vertical-align:top}
-figure img{max-width:560px}figcaption{font-size:12px;color:#555}.note{font-size:12px;color:#555}"""
+td.status-not-measured{color:#888}.figures{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:1.5em;
+align-items:start}figure{margin:0}figure.wide{grid-column:1/-1}figure img{max-width:100%;height:auto}
+figcaption{font-size:12px;color:#555}.note{font-size:12px;color:#555}"""
 
 
 def _sections(col: Collection, comparison: dict | None, criteria: list[cl.Criterion]) -> list[tuple[str, list[Table]]]:
@@ -280,6 +292,9 @@ def render_markdown(sections, figures, criteria, col: Collection, out_dir: Path)
     return "\n".join(parts)
 
 
+WIDE_FIGURES = ("top_locations",)  # figures with several panels side by side
+
+
 def render_html(sections, figures, criteria, col: Collection) -> str:
     body = [f"<h1>esa report</h1><p>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {len(col.runs)} "
             f"runs. Checklist: <b>{html.escape(_summary_line(criteria))}</b>.</p>"]
@@ -289,18 +304,37 @@ def render_html(sections, figures, criteria, col: Collection) -> str:
         body.append(f"<h2>{html.escape(title)}</h2>")
         body += [to_html(t) for t in tables]
     if figures:
-        body.append("<h2>Figures</h2>")
+        body.append('<h2>Figures</h2><div class="figures">')
         for cap, png in figures:
             data = base64.b64encode(png.read_bytes()).decode("ascii")
-            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(cap)}">'
+            wide = " class=wide" if png.name.startswith(WIDE_FIGURES) else ""  # multi-panel: the full width
+            body.append(f'<figure{wide}><img src="data:image/png;base64,{data}" alt="{html.escape(cap)}">'
                         f"<figcaption>{html.escape(cap)}</figcaption></figure>")
+        body.append("</div>")
     return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>esa report</title><style>{STYLE}</style>"
             f"</head><body>{''.join(body)}</body></html>\n")
 
 
-def write_report(run_dirs: list[Path], out_dir: Path) -> dict:
-    """Read the runs, evaluate the checklist, draw the figures and write every report file; returns report.json."""
+REPORT_FILES = ("report.html", "report.md", "report.json", "checklist.json", "tables.tex")
+
+
+def check_report_dir(out_dir: Path, *, overwrite: bool) -> None:
+    """A report already in ``out_dir`` is replaced only with ``overwrite`` (as every command treats its results)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EsaError(f"--out {out_dir} exists and is not a directory")
+    check_writable(out_dir, "--out")
+    existing = [name for name in REPORT_FILES if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise EsaError(f"{out_dir} already holds a report ({existing[0]}); pass --overwrite to replace it or choose "
+                       "another --out")
+
+
+def write_report(run_dirs: list[Path], out_dir: Path, *, overwrite: bool = False) -> dict:
+    """Read the runs, evaluate the checklist, draw the figures and write every report file; returns report.json.
+
+    An existing report in ``out_dir`` is refused unless ``overwrite``."""
     out_dir = Path(out_dir)
+    check_report_dir(out_dir, overwrite=overwrite)
     col = collect(run_dirs)
     comparison = cross_metric(col.of("profile"))
     criteria = evaluate_checklist(col, comparison)

@@ -22,7 +22,8 @@ class Table:
 
 
 def fmt(x, digits: int = 4) -> str:
-    """A number for a table: 4 significant digits, p-values and tiny numbers in scientific notation."""
+    """A number for a table: 4 significant digits, trailing zeros kept (``30.00`` beside ``71.11``, so a column
+    reads at one precision); p-values and tiny numbers in scientific notation; integers exact."""
     if x is None:
         return "—"
     if isinstance(x, bool):
@@ -36,7 +37,7 @@ def fmt(x, digits: int = 4) -> str:
             return "∞" if x > 0 else "−∞"
         if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e6):
             return f"{x:.{digits - 1}e}"
-        return f"{x:.{digits}g}"
+        return f"{x:#.{digits}g}".removesuffix(".")  # "#" keeps trailing zeros; 2042.4 → "2042", not "2042."
     return str(x)
 
 

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+from esa.errors import EsaError
 from esa.progress import progress_bar
-from esa.runio import atomic_write_json
+from esa.runio import atomic_write_json, check_writable
 from esa.tiny import corpus
 
 
@@ -107,8 +108,27 @@ def _portable_tokenizer_config(path: Path) -> None:
     atomic_write_json(path, config)
 
 
-def train(out_dir: Path, recipe: TinyRecipe | None = None) -> dict:
-    """Train the tiny model and write it to ``out_dir``; returns the training summary."""
+DEFAULT_OUT_DIR = Path("esa-tiny")  # relative to the working directory: never the installed package by default
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "training.json")
+
+
+def check_out_dir(out_dir: Path, *, overwrite: bool) -> None:
+    """A directory that already holds a model is replaced only with ``overwrite`` (checked before training)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EsaError(f"--out-dir {out_dir} exists and is not a directory")
+    check_writable(out_dir)
+    existing = [name for name in MODEL_FILES if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise EsaError(f"{out_dir} already holds a model ({existing[0]}); pass --overwrite to replace it or choose "
+                       "another --out-dir")
+
+
+def train(out_dir: Path, recipe: TinyRecipe | None = None, *, overwrite: bool = False) -> dict:
+    """Train the tiny model and write it to ``out_dir``; returns the training summary.
+
+    A model already in ``out_dir`` is refused unless ``overwrite``."""
+    check_out_dir(out_dir, overwrite=overwrite)
     recipe = recipe or TinyRecipe()
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
