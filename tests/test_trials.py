@@ -30,7 +30,7 @@ def planted_dir(tmp_path_factory):
 def perturb_config(model_dir, out_dir, **kw) -> PerturbConfig:
     sel = kw.pop("selection", SelectionConfig(metric="grad_x_weight", mode="global", topk=1))
     return PerturbConfig(model=ModelConfig(model=str(model_dir)), data=DataConfig(**DATA), selection=sel,
-                         out_dir=str(out_dir), n_bootstrap=2000, **kw)
+                         out_dir=str(out_dir), n_bootstrap=2000, **{"control_sets": 19, **kw})
 
 
 @pytest.mark.parametrize("kind", ["zero", "sign_flip"])
@@ -43,9 +43,12 @@ def test_planted_super_weight_separates_from_controls(planted_dir, tmp_path, kin
     d_super = r["conditions"]["super"]["delta_ppl"]
     d_random = r["conditions"]["random_k"]["delta_ppl"]
     assert d_super > 10 * abs(d_random) and d_super > 1.0
-    assert r["tests"]["super_vs_random_k"]["p_paired_t"] < 0.05
-    assert r["tests"]["super_vs_random_k"]["p_wilcoxon"] < 0.05
+    test = r["tests"]["super_vs_random_k"]
+    assert test["unit"] == "weight set" and test["n_control_sets"] == 19
+    assert test["p_value"] == pytest.approx(1 / 20)  # the smallest a rank test over 19 control sets can give
+    assert test["per_window"]["p_paired_t"] < 0.05 and test["per_window"]["p_wilcoxon"] < 0.05
     assert r["effect_ratio"]["value"] > 10 or r["effect_ratio"]["value"] == float("inf")
+    assert r["effect_ratio"]["lower_bound_95"] > 2
     # Every parameter is as it was on disk.
     fresh = type(result["session"].loaded.model).from_pretrained(model_dir)
     for (n, p), (_, q) in zip(result["session"].loaded.model.named_parameters(), fresh.named_parameters()):
@@ -65,22 +68,23 @@ def test_random_set_as_super_is_not_called_significant(tmp_path):
                          weights_file=str(tmp_path / "weights.csv"))
     r = run_perturb(cfg)["results"]
     assert "bottom_k" not in r["conditions"]
-    assert r["tests"]["super_vs_random_k"]["p_paired_t"] > 0.05
+    assert r["tests"]["super_vs_random_k"]["p_value"] > 0.05
 
 
 def test_bit_flip_on_embedded_model_through_the_cli(tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["perturb", "--perturb", "bit_flip", "--perturb-prob", "0.05", "--topk", "20",
                                  "--seq-len", "64", "--max-samples", "6", "--seeds", "0,1", "--save-plots",
-                                 "--out-dir", str(out)])
+                                 "--control-sets", "4", "--out-dir", str(out)])
     assert result.exit_code == 0, result.output
     for name in ("config.json", "trials.jsonl", "results.json", "experiment_manifest.json", "plots/delta_ppl.png",
-                 "plots/delta_ppl.pdf", "sets/super_seed0.csv", "sets/random_k_seed1.csv", "sets/bottom_k_seed0.csv"):
+                 "plots/delta_ppl.pdf", "sets/super_seed0.csv", "sets/random_k_set3.csv", "sets/bottom_k_seed0.csv"):
         assert (out / name).exists(), name
     results = json.loads((out / "results.json").read_text())
     assert set(results["conditions"]) == {"super", "random_k", "bottom_k"}
     lines = (out / "trials.jsonl").read_text().splitlines()
-    assert len(lines) == 1 + 2 * 3
+    assert len(lines) == 1 + 2 * 2 + 4  # baseline, super and bottom_k per seed, the control sets
+    assert results["conditions"]["random_k"]["n_trials"] == 4
     assert results["conditions"]["super"]["mean_bits_flipped"] >= 0
     assert "effect ratio" in result.output
 
@@ -101,7 +105,8 @@ def test_sigkilled_run_resumes_to_the_same_results(planted_dir, tmp_path):
     model_dir, _ = planted_dir
     args = [sys.executable, "-m", "esa.cli.main", "perturb", "--model", str(model_dir), "--metric", "grad_squared",
             "--mode", "global", "--topk", "3", "--perturb", "gauss_noise", "--perturb-scale", "2.0",
-            "--seq-len", "64", "--max-samples", "12", "--batch-size", "6", "--seeds", "0,1,2", "--n-bootstrap", "500"]
+            "--seq-len", "64", "--max-samples", "12", "--batch-size", "6", "--seeds", "0,1,2", "--n-bootstrap", "500",
+            "--control-sets", "5"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", ESA_PROGRESS="0")
     full = subprocess.run(args + ["--out-dir", str(tmp_path / "full")], env=env, capture_output=True, text=True,
                           cwd=REPO, timeout=600)
