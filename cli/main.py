@@ -333,7 +333,8 @@ def print_checklist(path: Path) -> None:
     from esa.report.tables import fmt
     from esa.runio import read_json
 
-    colour = {"met": "green", "not met": "red", "not measured": "dim"}
+    colour = {"met": "green", "not met": "red", "not measured": "dim", "not applicable": "dim",
+              "not informative": "yellow"}
     table = Table(title="evidence checklist", title_justify="left")
     for col in ("criterion", "run", "measured", "threshold", "status"):
         table.add_column(col, justify="right" if col == "measured" else "left")
