@@ -340,8 +340,8 @@ def summarize(config: PerturbConfig, done: dict, sets: dict, plan: list[tuple[st
         supers = [sets[f"super/seed{s}"] for s in config.seeds]
         pairs = {f"{a}-{b}": jaccard(supers[i], supers[j]) for i, a in enumerate(config.seeds)
                  for j, b in enumerate(config.seeds) if i < j}
-        out["stability"] = {"pairwise_jaccard": pairs,
-                            "mean_jaccard": float(np.mean(list(pairs.values())))}
+        out["stability"] = {"unit": "seed pair (a description of selection stability)",
+                            "pairwise_jaccard": pairs, "mean_jaccard": float(np.mean(list(pairs.values())))}
         n_windows = len(base["window_nll"])
         if not config.from_profile and stability_subset_size(n_windows, config.stability_fraction) == n_windows:
             out["stability"]["warning"] = "every seed used all windows (too few windows): Jaccard is trivially 1"

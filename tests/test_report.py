@@ -84,6 +84,11 @@ def test_bottom_k_that_changes_nothing_is_not_informative():
     order = next(c for c in rows if c.name == cl.ORDER)
     assert order.status == cl.NOT_INFORMATIVE and order.p_holm is None
     assert status(rows, cl.RANK) == cl.MET  # and it leaves the Holm family
+    # A run written before the flag existed: ΔPPL exactly 0 in every seed is read the same way.
+    old = perturb_results()
+    del old["tests"]["random_k_vs_bottom_k"]
+    old["conditions"]["bottom_k"]["per_seed"] = [{"delta_ppl": 0.0}] * 3
+    assert status(checked(old), cl.ORDER) == cl.NOT_INFORMATIVE
 
 
 def test_profile_and_baseline_criteria():

@@ -122,6 +122,9 @@ def _rank_criterion(name: str, label: str, test: dict | None, describe: str) -> 
     if test is None:
         return Criterion("evidence", name, label, None, THRESHOLDS[name], NOT_MEASURED, src, f"needs {NEEDS[name]}",
                          SET)
+    if test.get("not_informative") and "p_value" not in test:
+        return Criterion("evidence", name, label, None, THRESHOLDS[name], NOT_INFORMATIVE, src,
+                         test["not_informative"], SET)
     if "p_value" not in test or "n_control_sets" not in test:
         return Criterion("evidence", name, label, None, THRESHOLDS[name], NOT_MEASURED, src, OLD_RUN, SET)
     p = test["p_value"]
@@ -152,7 +155,12 @@ def perturb_criteria(label: str, results: dict, config: dict | None = None) -> l
         out.append(_rank_criterion(RANK, label, tests.get("super_vs_random_k"),
                                    "re-selected super sets enter as their mean"))
     if "bottom_k" in conds and "random_k" in conds:
-        out.append(_rank_criterion(ORDER, label, tests.get("random_k_vs_bottom_k"), "lower tail"))
+        test = tests.get("random_k_vs_bottom_k")
+        seeds = conds["bottom_k"].get("per_seed") or []
+        if seeds and all(x.get("delta_ppl") == 0 for x in seeds):  # also for runs written before the flag
+            test = dict(test or {"n_control_sets": 0},
+                        not_informative="bottom_k's ΔPPL is exactly 0 in every seed: it tests nothing")
+        out.append(_rank_criterion(ORDER, label, test, "lower tail"))
     if "stability" in results and results.get("source") != "from_profile":  # else the profile run reports it
         sel = (config or {}).get("selection", {})
         out.append(jaccard_criterion(label, results["stability"], src, metric=sel.get("metric"),
