@@ -269,7 +269,8 @@ def perturb(
         controls=o.parse_controls(controls), seeds=o.parse_seeds(seeds),
         from_profile=str(from_profile) if from_profile else None, weights_file=str(weights) if weights else None,
         stability_check=stability_check, stability_fraction=stability_fraction, random_stratified=stratified,
-        control_sets=control_sets, n_bootstrap=n_bootstrap, save_plots=save_plots, out_dir=str(out_dir), overwrite=overwrite,
+        control_sets=control_sets, n_bootstrap=n_bootstrap, save_plots=save_plots, out_dir=str(out_dir),
+        overwrite=overwrite,
     )
     run = run_perturb(config)
     print_perturb(run["results"], run["out_dir"])

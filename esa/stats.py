@@ -230,5 +230,6 @@ def effect_ratio(conditions: dict, reps: dict[str, np.ndarray]) -> dict:
         out["delta_ppl_ratio"] = float(setstats.ratio_samples(ds, dr)) if not (math.isinf(ds) and math.isinf(dr)) \
             else float("nan")
     if math.isnan(out["lower_bound_95"]) and controls.size < setstats.min_control_sets():
-        out["note"] = f"{controls.size} control sets: too few for a set-level bound (needs {setstats.min_control_sets()})"
+        out["note"] = (f"{controls.size} control sets: too few for a set-level bound "
+                       f"(needs {setstats.min_control_sets()})")
     return out

@@ -20,9 +20,9 @@ explicit list (``--weights FILE`` with columns tensor,row,col[,expert] or tensor
 pairwise Jaccard is reported. Control set j is stratified (by default) like the super set of seed
 ``seeds[j mod len(seeds)]``.
 
-Files: ``config.json``, ``sets/<condition>_seed<S>.csv`` and ``sets/random_k_set<J>.csv``, ``trials.jsonl`` (one JSON object per trial, the
-baseline first), ``results.json`` (:mod:`esa.stats`), ``plots/`` with ``--save-plots``, and
-``experiment_manifest.json`` last.
+Files: ``config.json``, ``sets/<condition>_seed<S>.csv`` and ``sets/random_k_set<J>.csv``, ``trials.jsonl``
+(one JSON object per trial, the baseline first), ``results.json`` (:mod:`esa.stats`), ``plots/`` with
+``--save-plots``, and ``experiment_manifest.json`` last.
 """
 
 from __future__ import annotations

@@ -258,7 +258,8 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em aut
 table{border-collapse:collapse;margin:1em 0;font-size:13px}caption{text-align:left;font-weight:600;padding:4px 0}
 th,td{border-bottom:1px solid #ddd;padding:3px 8px}th{background:#f4f4f4}td.r,th.r{text-align:right}
 td.status-met{color:#1a7f37;font-weight:600}td.status-not-met{color:#cf222e;font-weight:600}
-td.status-not-measured,td.status-not-applicable{color:#888}td.status-not-informative{color:#9a6700}figure{display:inline-block;margin:1em;vertical-align:top}
+td.status-not-measured,td.status-not-applicable{color:#888}td.status-not-informative{color:#9a6700}
+figure{display:inline-block;margin:1em;vertical-align:top}
 figure img{max-width:560px}figcaption{font-size:12px;color:#555}.note{font-size:12px;color:#555}"""
 
 
