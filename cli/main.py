@@ -287,6 +287,7 @@ def perturb(
     from_profile: o.FromProfile = None,
     weights: o.WeightsFile = None,
     stratified: o.Stratified = True,
+    control_sets: o.ControlSets = 39,
     n_bootstrap: o.NBootstrap = 10_000,
     seeds: o.Seeds = "0,1,2",
     stability_check: o.StabilityCheck = False,
@@ -311,7 +312,8 @@ def perturb(
         controls=o.parse_controls(controls), seeds=o.parse_seeds(seeds),
         from_profile=str(from_profile) if from_profile else None, weights_file=str(weights) if weights else None,
         stability_check=stability_check, stability_fraction=stability_fraction, random_stratified=stratified,
-        n_bootstrap=n_bootstrap, save_plots=save_plots, out_dir=str(out_dir), overwrite=overwrite,
+        control_sets=control_sets, n_bootstrap=n_bootstrap, save_plots=save_plots, out_dir=str(out_dir),
+        overwrite=overwrite,
     )
     run = run_perturb(config)
     print_perturb(run["results"], run["out_dir"])
@@ -337,14 +339,17 @@ def print_perturb(results: dict, out_dir: Path) -> None:
                       f"{c['n_collapsed']}/{c['n_trials']}")
     show(table)
     for key, t in results["tests"].items():
-        seeds = t.get("across_seeds", {})
-        console.print(f"{key.replace('_vs_', ' vs ')}: paired t p={_p(t.get('p_paired_t'))}, "
-                      f"Wilcoxon p={_p(t.get('p_wilcoxon'))}, d_z={_fmt(t.get('effect_size_dz', float('nan')), 3)}; "
-                      f"across seeds ({seeds.get('test', 'n/a')}) p={_p(seeds.get('p_value'))}")
+        window = t.get("per_window", {})
+        console.print(f"{key.replace('_vs_', ' vs ')}: rank p={_p(t.get('p_value'))} over "
+                      f"{t.get('n_control_sets', 'n/a')} control sets (unit: weight set), parametric "
+                      f"p={_p(t.get('parametric', {}).get('p_value'))}; per window given these sets: paired t "
+                      f"p={_p(window.get('p_paired_t'))}" + (f" — not informative: {t['not_informative']}"
+                                                            if t.get("not_informative") else ""))
     ratio = results["effect_ratio"]
-    console.print(f"effect ratio ΔPPL(super)/ΔPPL(random_k): {_fmt(ratio.get('value', float('nan')), 3)}"
-                  + (f" (95% CI {ratio['ci95'][0]:.3g}–{ratio['ci95'][1]:.3g})" if ratio.get("ci95") else "")
-                  + (f" — {ratio['note']}" if ratio.get("note") else ""))
+    console.print(f"effect ratio ΔNLL(super)/ΔNLL(random_k): {_fmt(ratio.get('value', float('nan')), 3)}, set-level "
+                  f"95% lower bound {_fmt(ratio.get('lower_bound_95', float('nan')), 3)}"
+                  + (f" (95% CI sets→windows {ratio['ci95'][0]:.3g}–{ratio['ci95'][1]:.3g})" if ratio.get("ci95")
+                     else "") + (f" — {ratio['note']}" if ratio.get("note") else ""))
     if "stability" in results:
         console.print(f"top-k Jaccard across seeds: mean {results['stability']['mean_jaccard']:.3f}")
     console.print(f"results in {out_dir}")
@@ -373,7 +378,8 @@ def print_checklist(path: Path) -> None:
     from esa.report.tables import fmt
     from esa.runio import read_json
 
-    colour = {"met": "green", "not met": "red", "not measured": "dim"}
+    colour = {"met": "green", "not met": "red", "not measured": "dim", "not applicable": "dim",
+              "not informative": "yellow"}
     table = Table(title="evidence checklist", title_justify="left")
     for col in ("criterion", "run", "measured", "threshold", "status"):
         table.add_column(col, justify="right" if col == "measured" else "left")

@@ -82,6 +82,7 @@ class PerturbConfig:
     stability_check: bool = False  # re-select the top-k on a seeded subset of windows per seed
     stability_fraction: float = 0.5
     random_stratified: bool = True  # random_k matches the top-k's per-tensor counts
+    control_sets: int = 39  # random_k sets drawn (one evaluation each); the rank p-value's floor is 1/(1 + N)
     n_bootstrap: int = 10_000
     save_plots: bool = False
     out_dir: str = "runs/perturb"

@@ -1,30 +1,25 @@
-"""Statistics of perturbation trials: ΔPPL, paired per-window tests, bootstrap CIs, tests across seeds.
+"""Statistics of perturbation trials: per-condition descriptions, set-level tests (:mod:`esa.setstats`).
 
-Notation: window w has T_w predicted tokens and baseline summed NLL N⁰_w; trial (condition c, seed s) gives
-N^{c,s}_w. A trial *collapses* when any of its NLLs is not finite (e.g. a flipped exponent bit made a weight inf);
-collapsed trials are counted apart and left out of every average.
+Notation: window w has T_w predicted tokens and baseline summed NLL N⁰_w; a trial (condition c, one weight set)
+gives N^{c}_w. A trial *collapses* when any of its NLLs is not finite (e.g. a flipped exponent bit made a weight
+inf). Every trial is one weight set: the super set once per seed, each of the ``--control-sets`` random_k sets
+once, bottom_k once per seed.
 
-- PPL of a trial: exp(Σ_w N_w / Σ_w T_w); ΔPPL = PPL − PPL⁰; relative ΔPPL = ΔPPL / PPL⁰;
-  ΔNLL = mean NLL per token − baseline mean NLL per token.
-- Per condition: mean and standard deviation of ΔPPL over its finite seeds, and the *pooled* per-window NLL
-  N̄^c_w = mean over finite seeds of N^{c,s}_w, whose PPL gives the pooled ΔPPL with a bootstrap CI (windows
-  resampled with replacement, the same resamples for every condition, percentile interval).
-- Paired per-window comparison of conditions a vs b (super vs random_k, random_k vs bottom_k), with
-  d_w = (N̄^a_w − N̄^b_w) / T_w: one-sided paired t-test and Wilcoxon signed-rank test (zeros split between the
-  signs, "zsplit") of "a hurts more than b" (H1: mean d > 0), effect size d_z = mean(d) / sd(d), bootstrap CI of
-  mean(d). n = windows, which is where the power is — but these tests are *conditional on the weight sets
-  drawn*: they say that these sets differ, not that top-k sets beat random sets in general. Set-to-set variation
-  is what the test across seeds measures.
-- Across seeds, on the per-seed ΔPPL values (one-sided, H1: ΔPPL_a > ΔPPL_b): Welch's t-test when both
-  conditions drew a different weight set in each seed. When one condition used a single set in every seed (the
-  top-k without ``--stability-check``: its seeds are copies or noise replicates of one set), its seed mean is one
-  draw x₀ of the set distribution, and the test is the prediction-interval t-test
-  t = (x₀ − mean(b)) / (sd(b)·√(1 + 1/n_b)), df = n_b − 1 (mirrored when b is the single set). Undefined (NaN,
-  with the reason) with fewer than two seeds or no spread at all. Three seeds give this test little power.
-- Effect ratio ΔPPL(super) / ΔPPL(random_k) on the pooled ΔPPL, with a bootstrap CI over the resamples where
-  random_k's ΔPPL is positive (the share left out is reported; above 2.5% the interval has no upper end);
-  infinite when random_k does not raise PPL at all.
-- Collapsed trials are left out of the averages and tests; every test and the ratio say how many were.
+Evidence (unit: the weight set; :mod:`esa.setstats`):
+- per set ΔNLL = (Σ_w N_w − Σ_w N⁰_w) / Σ_w T_w nats per token, +∞ for a collapsed set (worst rank, counted);
+- super vs random_k: the Monte Carlo rank p-value of the mean super ΔNLL (mean over its seeds' sets: one
+  statistic, never independent samples) among the random_k sets, with the prediction-interval t-test on ΔNLL as
+  a secondary, parametric check; random_k vs bottom_k: the same rank test of bottom_k's mean ΔNLL, lower tail,
+  flagged "not informative" when bottom_k left every window's loss exactly unchanged in every trial;
+- mean ΔNLL of each condition with a hierarchical bootstrap CI (sets, then windows), and the effect ratio
+  mean ΔNLL(super) / mean ΔNLL(random_k) with that CI and the rank-inversion lower bound (ΔPPL ratio alongside).
+
+Descriptions (unit: the window, *given these weight sets* — they say that these sets differ, not that sets
+chosen like this differ from random sets in general):
+- PPL of a trial exp(Σ_w N_w / Σ_w T_w); per condition the pooled per-window NLL N̄^c_w (mean over its finite
+  trials), its ΔPPL = PPL − PPL⁰ with a window bootstrap CI (same resamples for every condition, percentile);
+- paired per-window comparison, d_w = (N̄^a_w − N̄^b_w) / T_w: one-sided paired t-test and Wilcoxon signed-rank
+  test (zeros split, "zsplit") of H1 mean d > 0, d_z = mean(d) / sd(d), bootstrap CI of mean(d).
 """
 
 from __future__ import annotations
@@ -35,6 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as sps
+
+from esa import setstats
+
+WINDOW_UNIT = "window (given these weight sets)"
 
 
 @dataclass
@@ -113,41 +112,52 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, tokens: np.ndarray, boot: np
     return out
 
 
-def _spread(x: list[float]) -> float:
-    return float(np.ptp(x)) if len(x) else 0.0  # exactly 0 for copies (np.var of copies can be 1e-34)
+def _condition_entry(ts: list[Trial], tokens: np.ndarray, ppl0: float, mean0: float, boot: np.ndarray,
+                     boot_ppl0: np.ndarray, baseline_nll: np.ndarray) -> tuple[dict, np.ndarray | None]:
+    """Description of one condition: pooled ΔPPL with its window-only CI, and the per-set ΔNLL values."""
+    finite = [t for t in ts if t.finite]
+    per_set = setstats.delta_nll(np.array([t.nll for t in ts]), baseline_nll, tokens)
+    per_seed = [{"seed": t.seed, "ppl": t.ppl, "delta_ppl": t.ppl - ppl0, "finite": t.finite,
+                 "mean_nll": float(t.nll.sum() / tokens.sum()), "delta_nll_per_token": float(d),
+                 "bits_flipped": t.bits_flipped, "n_weights": t.n_weights} for t, d in zip(ts, per_set)]
+    set_ids = {t.set_id for t in ts if t.set_id}
+    entry = {
+        "n_trials": len(ts),
+        "n_collapsed": len(ts) - len(finite),
+        "n_distinct_sets": len(set_ids) if set_ids else None,
+        "per_seed": per_seed,
+        "mean_bits_flipped": _finite_mean([t.bits_flipped for t in ts]),
+        "n_weights": ts[0].n_weights if ts else 0,
+        "mean_delta_nll_per_set": float(np.mean(per_set)),
+        "unchanged_in_every_trial": bool(all(np.array_equal(t.nll, baseline_nll) for t in ts)),
+    }
+    if not finite:
+        entry.update(ppl=math.inf, delta_ppl=math.inf, note="every trial collapsed (non-finite loss)")
+        return entry, None
+    nbar = np.mean([t.nll for t in finite], axis=0)
+    ppl = _ppl(nbar, tokens)
+    deltas = [t.ppl - ppl0 for t in finite]
+    entry.update(
+        ppl=ppl,
+        delta_ppl=ppl - ppl0,
+        relative_delta_ppl=(ppl - ppl0) / ppl0,
+        delta_nll_per_token=float(nbar.sum() / tokens.sum()) - mean0,
+        delta_ppl_mean_over_seeds=float(np.mean(deltas)),
+        delta_ppl_std_over_seeds=float(np.std(deltas, ddof=1)) if len(deltas) > 1 else float("nan"),
+        ci95_delta_ppl=_ci(np.exp(nbar[boot].sum(axis=1) / tokens[boot].sum(axis=1)) - boot_ppl0),
+        ci95_delta_ppl_unit=WINDOW_UNIT,
+    )
+    if len(finite) < len(ts):
+        entry["pooled_note"] = "pooled ΔPPL over the finite trials only; the set-level values count collapses"
+    return entry, nbar
 
 
-def across_seeds(a: list[float], b: list[float], *, a_single_set: bool = False, b_single_set: bool = False) -> dict:
-    """One-sided test of per-seed ΔPPL values, H1: a > b (see the module docstring for which test runs)."""
-    nan = float("nan")
-    if a_single_set and b_single_set:
-        return {"test": "none", "p_value": nan, "note": "both conditions used one weight set: no set-level test"}
-    if a_single_set or b_single_set:
-        single, sample, sign = (a, b, 1.0) if a_single_set else (b, a, -1.0)
-        if len(single) < 1 or len(sample) < 2:
-            return {"test": "prediction_interval", "p_value": nan, "note": "fewer than two finite seeds"}
-        if _spread(sample) == 0:
-            return {"test": "prediction_interval", "p_value": nan, "note": "no spread across seeds"}
-        x0 = float(np.mean(single))
-        t = sign * (x0 - float(np.mean(sample))) / (float(np.std(sample, ddof=1)) * math.sqrt(1 + 1 / len(sample)))
-        return {"test": "prediction_interval", "t_statistic": t, "df": len(sample) - 1,
-                "p_value": float(sps.t.sf(t, len(sample) - 1)),
-                "note": "one condition used a single weight set in every seed: compared as one draw against the "
-                        "other's spread"}
-    if len(a) < 2 or len(b) < 2:
-        return {"test": "welch", "p_value": nan, "note": "fewer than two finite seeds per condition"}
-    if _spread(a) == 0 and _spread(b) == 0:
-        return {"test": "welch", "p_value": nan, "note": "no spread across seeds in either condition"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        r = sps.ttest_ind(a, b, equal_var=False, alternative="greater")
-    return {"test": "welch", "t_statistic": float(r.statistic), "p_value": float(r.pvalue)}
+def summarize_trials(baseline: Trial, trials: list[Trial], *, n_boot: int = 10_000, seed: int = 0) -> dict:
+    """The statistics of the module docstring for every condition present in ``trials``.
 
-
-def summarize_trials(baseline: Trial, trials: list[Trial], *, n_boot: int = 10_000, seed: int = 0,
-                     comparisons: tuple[tuple[str, str], ...] = (("super", "random_k"), ("random_k", "bottom_k"))
-                     ) -> dict:
-    """The statistics of the module docstring for every condition present in ``trials``."""
+    Every trial of a condition is one evaluated weight set: the super set once per seed (copies when the
+    selection is not re-done per seed), each random_k control set once, bottom_k once per seed.
+    """
     tokens = baseline.tokens.astype(np.float64)
     ppl0 = baseline.ppl
     mean0 = float(baseline.nll.sum() / tokens.sum())
@@ -155,90 +165,71 @@ def summarize_trials(baseline: Trial, trials: list[Trial], *, n_boot: int = 10_0
     boot_ppl0 = np.exp(baseline.nll[boot].sum(axis=1) / tokens[boot].sum(axis=1))
     conditions: dict[str, dict] = {}
     pooled: dict[str, np.ndarray] = {}
-    boot_delta: dict[str, np.ndarray] = {}
-    for cond in dict.fromkeys(t.condition for t in trials):
-        ts = sorted((t for t in trials if t.condition == cond), key=lambda t: t.seed)
-        finite = [t for t in ts if t.finite]
-        per_seed = [{"seed": t.seed, "ppl": t.ppl, "delta_ppl": t.ppl - ppl0, "finite": t.finite,
-                     "mean_nll": float(t.nll.sum() / tokens.sum()), "bits_flipped": t.bits_flipped,
-                     "n_weights": t.n_weights} for t in ts]
-        deltas = [t.ppl - ppl0 for t in finite]
-        set_ids = {t.set_id for t in ts if t.set_id}
-        entry = {
-            "n_trials": len(ts),
-            "n_collapsed": len(ts) - len(finite),
-            "n_distinct_sets": len(set_ids) if set_ids else None,
-            "per_seed": per_seed,
-            "mean_bits_flipped": _finite_mean([t.bits_flipped for t in ts]),
-            "n_weights": ts[0].n_weights if ts else 0,
-        }
-        if finite:
-            nbar = np.mean([t.nll for t in finite], axis=0)
+    by_cond: dict[str, list[Trial]] = {}
+    for t in trials:
+        by_cond.setdefault(t.condition, []).append(t)
+    for cond, ts in by_cond.items():
+        ts.sort(key=lambda t: t.seed)
+        conditions[cond], nbar = _condition_entry(ts, tokens, ppl0, mean0, boot, boot_ppl0, baseline.nll)
+        if nbar is not None:
             pooled[cond] = nbar
-            ppl = _ppl(nbar, tokens)
-            bd = np.exp(nbar[boot].sum(axis=1) / tokens[boot].sum(axis=1)) - boot_ppl0
-            boot_delta[cond] = bd
-            entry.update(
-                ppl=ppl,
-                delta_ppl=ppl - ppl0,
-                relative_delta_ppl=(ppl - ppl0) / ppl0,
-                delta_nll_per_token=float(nbar.sum() / tokens.sum()) - mean0,
-                delta_ppl_mean_over_seeds=float(np.mean(deltas)),
-                delta_ppl_std_over_seeds=float(np.std(deltas, ddof=1)) if len(deltas) > 1 else float("nan"),
-                ci95_delta_ppl=_ci(bd),
-            )
-        else:
-            entry.update(ppl=math.inf, delta_ppl=math.inf, note="every trial collapsed (non-finite loss)")
-        conditions[cond] = entry
-    tests = {}
-    for a, b in comparisons:
+    diffs = {c: np.array([t.nll - baseline.nll for t in ts]) for c, ts in by_cond.items()}
+    reps = setstats.hierarchical_bootstrap(diffs, tokens, n_boot=n_boot, seed=seed)
+    for cond, entry in conditions.items():
+        single = len({t.set_id for t in by_cond[cond]}) == 1 and bool(by_cond[cond][0].set_id)
+        entry["set_level"] = {
+            "unit": setstats.UNIT, "n_sets": len(by_cond[cond]),
+            "mean_delta_nll_per_token": entry["mean_delta_nll_per_set"],
+            "ci95_mean_delta_nll_per_token": setstats.percentile_ci(reps[cond]),
+            "ci_unit": ("window (given this one set: a single distinct set has no set-level spread)" if single
+                        else "weight set, then window (hierarchical bootstrap)")}
+    tests: dict[str, dict] = {}
+    controls = (np.array([s["delta_nll_per_token"] for s in conditions["random_k"]["per_seed"]])
+                if "random_k" in conditions else None)
+    for a, b, greater in (("super", "random_k", True), ("random_k", "bottom_k", False)):
         if a not in conditions or b not in conditions:
             continue
-        key = f"{a}_vs_{b}"
+        tested = a if greater else b
+        x = conditions[tested]["mean_delta_nll_per_set"]
+        test = {"unit": setstats.UNIT, "test": "monte_carlo_rank",
+                "hypothesis": ("super hurts more than a random_k set" if greater
+                               else "bottom_k hurts less than a random_k set"),
+                "statistic_delta_nll_per_token": x, "n_control_sets": int(controls.size),
+                "n_tested_trials": conditions[tested]["n_trials"],
+                "p_value": setstats.rank_p_value(x, controls, greater=greater),
+                "parametric": setstats.parametric_test(x, controls, greater=greater),
+                "collapsed_sets_counted_as_worst": conditions[a]["n_collapsed"] + conditions[b]["n_collapsed"]}
+        if controls.size < setstats.min_control_sets():
+            test["note"] = (f"{controls.size} control sets: the rank p-value cannot reach "
+                            f"{setstats.ALPHA:g} (needs {setstats.min_control_sets()})")
+        if not greater and conditions[b]["unchanged_in_every_trial"]:
+            test["not_informative"] = "bottom_k left every window's loss exactly unchanged in every trial"
         if a in pooled and b in pooled:
-            test = paired_comparison(pooled[a], pooled[b], tokens, boot)
-        else:
-            test = {"note": "a condition collapsed in every trial: paired tests undefined"}
-        da = [s["delta_ppl"] for s in conditions[a]["per_seed"] if s["finite"]]
-        db = [s["delta_ppl"] for s in conditions[b]["per_seed"] if s["finite"]]
-        test["across_seeds"] = across_seeds(da, db, a_single_set=conditions[a]["n_distinct_sets"] == 1,
-                                            b_single_set=conditions[b]["n_distinct_sets"] == 1)
-        collapsed = conditions[a]["n_collapsed"] + conditions[b]["n_collapsed"]
-        if collapsed:
-            test["collapsed_trials_left_out"] = collapsed
-        tests[key] = test
-    ratio = effect_ratio(conditions, boot_delta)
-    collapsed = sum(conditions[c]["n_collapsed"] for c in ("super", "random_k") if c in conditions)
-    if collapsed:
-        ratio["collapsed_trials_left_out"] = collapsed
+            test["per_window"] = {"unit": WINDOW_UNIT, **paired_comparison(pooled[a], pooled[b], tokens, boot)}
+        tests[f"{a}_vs_{b}"] = test
     return {"baseline": {"ppl": ppl0, "mean_nll": mean0, "tokens": int(tokens.sum()), "n_windows": int(tokens.size)},
-            "conditions": conditions, "tests": tests, "effect_ratio": ratio, "n_bootstrap": n_boot,
-            "bootstrap_seed": seed}
+            "conditions": conditions, "tests": tests, "effect_ratio": effect_ratio(conditions, reps),
+            "n_bootstrap": n_boot, "bootstrap_seed": seed, "statistics_version": 2}
 
 
-def effect_ratio(conditions: dict, boot_delta: dict[str, np.ndarray]) -> dict:
-    """ΔPPL(super) / ΔPPL(random_k) with a bootstrap CI (see module doc)."""
+def effect_ratio(conditions: dict, reps: dict[str, np.ndarray]) -> dict:
+    """Mean ΔNLL(super) / mean ΔNLL(random_k) with its set-level bounds (see the module doc)."""
     if "super" not in conditions or "random_k" not in conditions:
         return {"value": float("nan"), "note": "needs both super and random_k"}
+    x = conditions["super"]["mean_delta_nll_per_set"]
+    controls = np.array([s["delta_nll_per_token"] for s in conditions["random_k"]["per_seed"]])
+    value = float(setstats.ratio_samples(x, float(np.mean(controls))))
+    out: dict = {"value": value, "of": "mean ΔNLL per token (nats)", "unit": setstats.UNIT,
+                 "super_delta_nll_per_token": x, "random_k_mean_delta_nll_per_token": float(np.mean(controls)),
+                 "lower_bound_95": setstats.ratio_lower_bound(x, controls),
+                 "lower_bound_method": "rank-test inversion: super as one draw against the control-set distribution",
+                 "ci95": setstats.percentile_ci(setstats.ratio_samples(reps["super"], reps["random_k"])),
+                 "ci95_unit": "weight set, then window (hierarchical bootstrap)"}
     ds, dr = conditions["super"].get("delta_ppl"), conditions["random_k"].get("delta_ppl")
-    if ds is None or dr is None or not math.isfinite(dr):
-        return {"value": float("nan"), "note": "random_k collapsed"}
-    if not math.isfinite(ds):
-        return {"value": math.inf, "note": "super collapsed (infinite ΔPPL)"}
-    out: dict = {"super_delta_ppl": ds, "random_k_delta_ppl": dr}
-    if dr <= 0:
-        out.update(value=math.inf if ds > 0 else float("nan"), note="random_k did not raise PPL")
-        return out
-    out["value"] = ds / dr
-    if "super" in boot_delta and "random_k" in boot_delta:
-        positive = boot_delta["random_k"] > 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r = boot_delta["super"][positive] / boot_delta["random_k"][positive]
-        dropped = 1.0 - float(positive.mean())
-        out["ci95"] = _ci(r)
-        out["ci95_resamples_left_out"] = dropped
-        if dropped > 0.025:  # random_k's own CI reaches 0: the ratio has no upper bound
-            out["ci95"][1] = math.inf
-            out["ci95_note"] = (f"random_k's ΔPPL was ≤ 0 in {dropped:.1%} of the resamples: the upper end of the "
-                                "ratio's interval is unbounded")
+    if ds is not None and dr is not None:
+        out["delta_ppl_ratio"] = float(setstats.ratio_samples(ds, dr)) if not (math.isinf(ds) and math.isinf(dr)) \
+            else float("nan")
+    if math.isnan(out["lower_bound_95"]) and controls.size < setstats.min_control_sets():
+        out["note"] = (f"{controls.size} control sets: too few for a set-level bound "
+                       f"(needs {setstats.min_control_sets()})")
     return out

@@ -1,21 +1,28 @@
 """``esa perturb``: causal tests of the selected weights against random_k and bottom_k controls.
 
-Protocol. The evaluation windows are the baseline's (same data flags, same seed). For every seed s and condition
-c ∈ {super (the top-k set), random_k, bottom_k}: perturb the set in place, evaluate every window (per-window NLL),
-restore bit-exactly (verified by fingerprints of the touched tensors), and append the trial to ``trials.jsonl`` at
-once. The sets themselves are written to ``sets/`` before the first trial. Rerunning the same command resumes:
-finished trials are read back (their weight-set hashes must match) and skipped. ``zero`` and ``sign_flip`` are
-deterministic, so a trial whose set equals an earlier trial's set of the same condition reuses that result
-(``reused_from``) instead of evaluating again.
+Protocol. The evaluation windows are the baseline's (same data flags, same seed). The trials: for every seed s,
+the super set (the top-k set) and, when asked, bottom_k; then ``--control-sets N`` random_k sets, set j drawn
+with a seed derived from (run seed ``--seed``, j) alone (:func:`control_seed`). Each trial perturbs its set in
+place, evaluates every window (per-window NLL), restores bit-exactly (verified by fingerprints of the touched
+tensors), and is appended to ``trials.jsonl`` at once. The weight set, not the window, is the unit of the
+statistics (:mod:`esa.setstats`): the N random_k sets form the control distribution that the super set is ranked
+against, so N costs N evaluations of the windows and sets the floor 1/(1 + N) of the rank p-value. bottom_k is
+deterministic given a selection (the k lowest scores), so it has one set per selection (one per seed with
+``--stability-check``, copies otherwise); it is ranked against the same random_k distribution. The sets themselves
+are written to ``sets/`` before the first trial. Rerunning the same command resumes: finished trials are read
+back (their weight-set hashes must match) and skipped. ``zero`` and ``sign_flip`` are deterministic, so a trial
+whose set equals an earlier trial's set of the same condition reuses that result (``reused_from``) instead of
+evaluating again.
 
 Super sets: the top-k of ``--metric/--mode/--topk`` computed now, or read from ``--from-profile RUN_DIR``, or an
 explicit list (``--weights FILE`` with columns tensor,row,col[,expert] or tensor,flat_index). With
 ``--stability-check`` the super and bottom sets of seed s come from a seeded subset of the windows, and their
-pairwise Jaccard is reported. random_k of seed s is drawn with seed s (stratified by default).
+pairwise Jaccard is reported. Control set j is stratified (by default) like the super set of seed
+``seeds[j mod len(seeds)]``.
 
-Files: ``config.json``, ``sets/<condition>_seed<S>.csv``, ``trials.jsonl`` (one JSON object per trial, the
-baseline first), ``results.json`` (:mod:`esa.stats`), ``plots/`` with ``--save-plots``, and
-``experiment_manifest.json`` last.
+Files: ``config.json``, ``sets/<condition>_seed<S>.csv`` and ``sets/random_k_set<J>.csv``, ``trials.jsonl``
+(one JSON object per trial, the baseline first), ``results.json`` (:mod:`esa.stats`), ``plots/`` with
+``--save-plots``, and ``experiment_manifest.json`` last.
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ def validate_perturb(config: PerturbConfig) -> None:
         raise EsaError("--stability-check needs selected (not explicit) weights; drop --weights or the check")
     if config.stability_check and len(config.seeds) < 2:
         raise EsaError("--stability-check needs at least two --seeds (e.g. --seeds 0,1,2)")
+    if "random_k" in config.controls and config.control_sets < 1:
+        raise EsaError("--control-sets must be at least 1 (39 or more let a rank p-value reach 0.025)")
     if config.n_bootstrap < 100:
         raise EsaError("--n-bootstrap must be at least 100")
     if not config.from_profile and not config.weights_file:
@@ -145,8 +154,8 @@ def with_profile_selection(config: PerturbConfig) -> PerturbConfig:
     return dataclasses.replace(config, selection=SelectionConfig(**saved))
 
 
-def build_sets(config: PerturbConfig, session: Session) -> dict[int, dict[str, WeightSet]]:
-    """Per seed, the weight set of every condition (see the module docstring)."""
+def build_sets(config: PerturbConfig, session: Session, conditions: list[str]) -> dict[str, WeightSet]:
+    """The weight set of every trial of :func:`trial_plan` (see the module docstring)."""
     model = session.loaded.model
     params = dict(model.named_parameters())
     sel = config.selection
@@ -175,32 +184,51 @@ def build_sets(config: PerturbConfig, session: Session) -> dict[int, dict[str, W
         for name in set(ws.tensor):
             if name not in params:
                 raise EsaError(f"the model has no tensor {name!r} (named by the selection)")
-    sets: dict[int, dict[str, WeightSet]] = {}
-    for s in config.seeds:
-        sets[s] = {"super": tops[s]}
-        if "random_k" in config.controls:
-            sets[s]["random_k"] = select_random(infos, tops[s], s, stratified=config.random_stratified)
-        if "bottom_k" in config.controls and s in bottoms:
-            sets[s]["bottom_k"] = bottoms[s]
+    sets: dict[str, WeightSet] = {}
+    for trial_id, cond, s in trial_plan(config, conditions):
+        if cond == "super":
+            sets[trial_id] = tops[s]
+        elif cond == "bottom_k":
+            sets[trial_id] = bottoms[s]
+        else:  # control set s, stratified like the super set of one seed (the seeds taken in turn)
+            reference = tops[config.seeds[s % len(config.seeds)]]
+            sets[trial_id] = select_random(infos, reference, control_seed(config.data.seed, s),
+                                           stratified=config.random_stratified)
     return sets
 
 
-def save_sets(out_dir: Path, sets: dict[int, dict[str, WeightSet]], model: torch.nn.Module) -> None:
+def control_seed(seed: int, index: int) -> int:
+    """The seed of control set ``index``: derived from (run seed, set index) alone, so a resumed or repeated run
+    draws the same sets and adding sets (a larger ``--control-sets``) keeps the earlier ones."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint32)[0])
+
+
+def trial_plan(config: PerturbConfig, conditions: list[str]) -> list[tuple[str, str, int]]:
+    """(trial id, condition, seed or control-set index) of every trial, in running order: per seed the super set
+    (and bottom_k), then the ``--control-sets`` random_k sets."""
+    plan = [(f"{c}/seed{s}", c, s) for s in config.seeds for c in conditions if c != "random_k"]
+    if "random_k" in conditions:
+        plan += [(f"random_k/set{j}", "random_k", j) for j in range(config.control_sets)]
+    return plan
+
+
+def _set_file(out_dir: Path, trial_id: str) -> Path:
+    return out_dir / "sets" / f"{trial_id.replace('/', '_')}.csv"
+
+
+def save_sets(out_dir: Path, sets: dict[str, WeightSet], model: torch.nn.Module) -> None:
     infos = [t for t, _ in describe_parameters(model)]
     params = dict(model.named_parameters())
-    for s, by_condition in sets.items():
-        for condition, ws in by_condition.items():
-            write_weights(out_dir / "sets" / f"{condition}_seed{s}.csv", ws, infos, params)
-    atomic_write_json(out_dir / "sets" / "meta.json", {f"{c}_seed{s}": ws.meta for s, by_c in sets.items()
-                                                       for c, ws in by_c.items()})
+    for trial_id, ws in sets.items():
+        write_weights(_set_file(out_dir, trial_id), ws, infos, params)
+    atomic_write_json(out_dir / "sets" / "meta.json", {trial_id: ws.meta for trial_id, ws in sets.items()})
 
 
-def load_sets(out_dir: Path, seeds: list[int], conditions: list[str]) -> dict[int, dict[str, WeightSet]]:
-    sets = {s: {c: read_weights(out_dir / "sets" / f"{c}_seed{s}.csv", c) for c in conditions} for s in seeds}
+def load_sets(out_dir: Path, plan: list[tuple[str, str, int]]) -> dict[str, WeightSet]:
+    sets = {trial_id: read_weights(_set_file(out_dir, trial_id), cond) for trial_id, cond, _ in plan}
     meta = read_json(out_dir / "sets" / "meta.json") if (out_dir / "sets" / "meta.json").exists() else {}
-    for s, by_c in sets.items():
-        for c, ws in by_c.items():
-            ws.meta = meta.get(f"{c}_seed{s}", {})
+    for trial_id, ws in sets.items():
+        ws.meta = meta.get(trial_id, {})
     return sets
 
 
@@ -248,11 +276,12 @@ def run_perturb(config: PerturbConfig, *, command: str = "perturb", session: Ses
     if config.weights_file and "bottom_k" in conditions:
         conditions.remove("bottom_k")  # an explicit set has no scores to rank
 
+    plan = trial_plan(config, conditions)
     if resuming:
-        sets = load_sets(out_dir, config.seeds, conditions)
+        sets = load_sets(out_dir, plan)
     else:
         with timer.phase("select"):
-            sets = build_sets(config, session)
+            sets = build_sets(config, session, conditions)
         begin_run(out_dir, True)
         clear_run_files(out_dir, [TRIALS, "results.json"])
         save_sets(out_dir, sets, model)
@@ -274,33 +303,32 @@ def run_perturb(config: PerturbConfig, *, command: str = "perturb", session: Ses
         elif done["baseline"].get("windows_sha256") != session.windows.token_sha256():
             raise EsaError(f"{out_dir}: the evaluation windows differ from the interrupted run's; use --overwrite")
         deterministic = spec.kind in ("zero", "sign_flip")
-        for s in config.seeds:
-            for cond in conditions:
-                trial_id = f"{cond}/seed{s}"
-                ws = sets[s][cond]
-                h = set_hash(ws)
-                if trial_id in done:
-                    if done[trial_id].get("set_hash") != h:
-                        raise EsaError(f"{out_dir}: trial {trial_id} was run on another weight set; use --overwrite")
-                    continue
-                earlier = next((r for r in done.values() if deterministic and r.get("condition") == cond
-                                and r.get("set_hash") == h and "reused_from" not in r), None)
-                t0 = time.perf_counter()
-                if earlier is not None:
-                    record = dict(earlier, trial_id=trial_id, seed=s, reused_from=earlier["trial_id"], seconds=0.0)
-                else:
-                    with perturbed(params, ws, spec, seed=s) as applied:
-                        result = evaluate(model, windows, batch_size=batch_size, description=trial_id)
-                    record = _record(trial_id, cond, s, result, time.perf_counter() - t0, set_hash=h,
-                                     n_weights=applied.n_weights, bits_flipped=applied.bits_flipped,
-                                     tensors_touched=len(applied.tensors), restore_verified=True)
-                done[trial_id] = record
-                append_jsonl(trials_path, record)
+        for trial_id, cond, s in plan:
+            ws = sets[trial_id]
+            h = set_hash(ws)
+            if trial_id in done:
+                if done[trial_id].get("set_hash") != h:
+                    raise EsaError(f"{out_dir}: trial {trial_id} was run on another weight set; use --overwrite")
+                continue
+            earlier = next((r for r in done.values() if deterministic and r.get("condition") == cond
+                            and r.get("set_hash") == h and "reused_from" not in r), None)
+            t0 = time.perf_counter()
+            if earlier is not None:
+                record = dict(earlier, trial_id=trial_id, seed=s, reused_from=earlier["trial_id"], seconds=0.0)
+            else:
+                with perturbed(params, ws, spec, seed=control_seed(config.data.seed, s) if cond == "random_k"
+                               else s) as applied:
+                    result = evaluate(model, windows, batch_size=batch_size, description=trial_id)
+                record = _record(trial_id, cond, s, result, time.perf_counter() - t0, set_hash=h,
+                                 n_weights=applied.n_weights, bits_flipped=applied.bits_flipped,
+                                 tensors_touched=len(applied.tensors), restore_verified=True)
+            done[trial_id] = record
+            append_jsonl(trials_path, record)
     if model_fingerprint(model) != fingerprint_before:
         raise RuntimeError("the model's weights changed during the trials: restoration failed")
 
     with timer.phase("statistics"):
-        results = summarize(config, done, sets, conditions, spec)
+        results = summarize(config, done, sets, plan, spec)
     atomic_write_json(out_dir / "results.json", results)
     if config.save_plots:
         from esa.plots import plot_delta_ppl
@@ -311,30 +339,31 @@ def run_perturb(config: PerturbConfig, *, command: str = "perturb", session: Ses
     return {"out_dir": out_dir, "results": results, "session": session}
 
 
-def summarize(config: PerturbConfig, done: dict, sets: dict, conditions: list[str], spec: PerturbSpec) -> dict:
+def summarize(config: PerturbConfig, done: dict, sets: dict, plan: list[tuple[str, str, int]],
+              spec: PerturbSpec) -> dict:
     base = done["baseline"]
     baseline = stats.Trial("baseline", -1, _result_of(base).nll, _result_of(base).tokens)
     trials = []
-    for s in config.seeds:
-        for cond in conditions:
-            r = done[f"{cond}/seed{s}"]
-            res = _result_of(r)
-            trials.append(stats.Trial(cond, s, res.nll, res.tokens, int(r.get("bits_flipped", 0)),
-                                      int(r.get("n_weights", 0)), set_id=r.get("set_hash", "")))
+    for trial_id, cond, s in plan:
+        r = done[trial_id]
+        res = _result_of(r)
+        trials.append(stats.Trial(cond, s, res.nll, res.tokens, int(r.get("bits_flipped", 0)),
+                                  int(r.get("n_weights", 0)), set_id=r.get("set_hash", "")))
     out = stats.summarize_trials(baseline, trials, n_boot=config.n_bootstrap, seed=config.data.seed)
     out["perturbation"] = {"kind": spec.kind, "scale": spec.scale, "prob": spec.prob, "bits": spec.bits}
     out["seeds"] = config.seeds
-    out["set_sizes"] = {c: len(sets[config.seeds[0]][c]) for c in conditions}
-    if "bottom_k" in conditions:  # zero-score weights that bottom_k left out (esa.selection), per seed
-        out["bottom_k_unused_left_out"] = {str(s): sets[s]["bottom_k"].meta.get("unused_left_out")
+    out["set_sizes"] = {c: len(sets[trial_id]) for trial_id, c, _ in reversed(plan)}
+    out["control_sets"] = config.control_sets if "random_k" in config.controls else 0
+    if any(c == "bottom_k" for _, c, _ in plan):  # zero-score weights that bottom_k left out, per seed
+        out["bottom_k_unused_left_out"] = {str(s): sets[f"bottom_k/seed{s}"].meta.get("unused_left_out")
                                            for s in config.seeds}
     out["source"] = ("weights_file" if config.weights_file else "from_profile" if config.from_profile else "selection")
     if config.stability_check:
-        supers = [sets[s]["super"] for s in config.seeds]
+        supers = [sets[f"super/seed{s}"] for s in config.seeds]
         pairs = {f"{a}-{b}": jaccard(supers[i], supers[j]) for i, a in enumerate(config.seeds)
                  for j, b in enumerate(config.seeds) if i < j}
-        out["stability"] = {"pairwise_jaccard": pairs,
-                            "mean_jaccard": float(np.mean(list(pairs.values())))}
+        out["stability"] = {"unit": "seed pair (a description of selection stability)",
+                            "pairwise_jaccard": pairs, "mean_jaccard": float(np.mean(list(pairs.values())))}
         n_windows = len(base["window_nll"])
         if not config.from_profile and stability_subset_size(n_windows, config.stability_fraction) == n_windows:
             out["stability"]["warning"] = "every seed used all windows (too few windows): Jaccard is trivially 1"

@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from esa.cli.main import app
+from esa.report import checklist as cl
 from esa.runio import read_json
 from helpers import REPO
 
@@ -107,7 +108,9 @@ def test_every_command_writes_every_promised_file(nine):
             assert results["perturbation"]["kind"] == argv[argv.index("--perturb") + 1]
             assert set(results["conditions"]) == {"super", "random_k", "bottom_k"}
             assert results["source"] == "from_profile"
-            assert len(parse(d / "perturb" / "trials.jsonl")) == 1 + 3 * 3
+            # baseline, super and bottom_k per seed, then the default 39 random_k control sets
+            assert len(parse(d / "perturb" / "trials.jsonl")) == 1 + 3 * 2 + 39
+            assert results["tests"]["super_vs_random_k"]["n_control_sets"] == 39
             parse(d / "perturb" / "sets" / "super_seed2.csv")
             parse(d / "perturb" / "plots" / "delta_ppl.png")
             assert "effect ratio" in stdout
@@ -171,12 +174,9 @@ def test_report_over_all_nine_matches_the_run_files(nine, tmp_path):
         label = f"{d.name}/perturb"
         if (d / "perturb").exists():
             results = read_json(d / "perturb" / "results.json")
-            assert same(by_name[("effect ratio ΔPPL(super)/ΔPPL(random_k)", label)]["value"],
-                        results["effect_ratio"]["value"])
-            assert same(by_name[("super vs random_k per window, paired t p", label)]["value"],
-                        results["tests"]["super_vs_random_k"]["p_paired_t"])
-            assert same(by_name[("super vs random_k across seeds, p", label)]["value"],
-                        results["tests"]["super_vs_random_k"]["across_seeds"]["p_value"])
+            assert same(by_name[(cl.EFFECT, label)]["value"], results["effect_ratio"]["value"])
+            assert same(by_name[(cl.RANK, label)]["value"], results["tests"]["super_vs_random_k"]["p_value"])
+            assert by_name[(cl.RANK, label)]["unit"] == "weight set"
         stability = d / "profile" / "stability.json"
         if stability.exists():
             assert same(by_name[("top-k Jaccard across seeds", f"{d.name}/profile")]["value"],
@@ -200,9 +200,10 @@ def test_report_over_all_nine_matches_the_run_files(nine, tmp_path):
         groups.setdefault(setting(argv), {}).setdefault(metric, out_dir_of(argv))
     chosen = list(max(groups.values(), key=len).values())
     assert len(chosen) == 3  # grad_x_weight, grad_squared and act_mag, global, 6 windows, every tensor
+    gradient = [d for d in chosen if "act" not in d.name]  # the row uses the gradient metrics' pairs only
     overlaps = [len(top_set(a) & top_set(b)) / min(len(top_set(a)), len(top_set(b)))
-                for i, a in enumerate(chosen) for b in chosen[i + 1:]]
-    overlap = next(c for c in checklist["criteria"] if c["name"] == "cross-metric overlap@k")
+                for i, a in enumerate(gradient) for b in gradient[i + 1:]]
+    overlap = next(c for c in checklist["criteria"] if c["name"] == cl.OVERLAP)
     assert overlap["status"] != "not measured"
     assert overlap["value"] == pytest.approx(sum(overlaps) / len(overlaps), rel=1e-12)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from esa.stats import Trial, across_seeds, bootstrap_indices, paired_comparison, summarize_trials
+from esa.stats import Trial, bootstrap_indices, paired_comparison, summarize_trials
 
 
 def test_paired_comparison_edge_cases():
@@ -56,40 +56,62 @@ def test_paired_tests_are_calibrated_under_the_null(p_key, noise):
     assert 0.02 < hits / 400 < 0.09
 
 
-def test_across_seeds_copies_have_no_spread():
-    out = across_seeds([0.1] * 3, [0.1] * 3)  # np.var of these copies is 1.9e-34, not 0
-    assert math.isnan(out["p_value"]) and "no spread" in out["note"]
-
-
-def test_prediction_interval_test_formula_and_calibration():
-    out = across_seeds([5.0, 5.0, 5.0], [1.0, 2.0, 3.0], a_single_set=True)
-    t = (5.0 - 2.0) / (1.0 * math.sqrt(1 + 1 / 3))
-    assert out["test"] == "prediction_interval" and out["t_statistic"] == pytest.approx(t)
-    assert out["p_value"] == pytest.approx(sps.t.sf(t, 2))
-    mirrored = across_seeds([1.0, 2.0, 3.0], [5.0, 5.0, 5.0], b_single_set=True)
-    assert mirrored["t_statistic"] == pytest.approx(-t)
-    # Null: the single set is one more draw of the same set distribution; Welch on copies would say ~13%.
-    rng = np.random.default_rng(3)
-    hits = sum(across_seeds([x] * 3, list(rng.normal(0, 1, 3)), a_single_set=True)["p_value"] < 0.05
-               for x in rng.normal(0, 1, 4000))
-    assert 0.04 < hits / 4000 < 0.06
-
-
-def test_summarize_uses_the_single_set_test_and_flags_unbounded_ratio_intervals():
+def test_summarize_ranks_one_super_set_against_the_control_sets():
+    """A fixed super set evaluated in three seeds is one statistic; 19 control sets; a clear effect gets the
+    smallest p the rank test allows and a bounded ratio; one control set cannot give a p below 0.5."""
     rng = np.random.default_rng(4)
     tokens = np.full(40, 63)
     base_nll = rng.normal(200, 20, 40)
     baseline = Trial("baseline", -1, base_nll, tokens)
-    trials = []
-    for s in range(3):
-        trials.append(Trial("super", s, base_nll + 30 + rng.normal(0, 1, 40), tokens, set_id="same"))
-        trials.append(Trial("random_k", s, base_nll + rng.normal(0.02, 1, 40), tokens, set_id=f"r{s}"))
-    out = summarize_trials(baseline, trials, n_boot=2000)
-    assert out["conditions"]["super"]["n_distinct_sets"] == 1
-    assert out["tests"]["super_vs_random_k"]["across_seeds"]["test"] == "prediction_interval"
+    super_nll = base_nll + 30 + rng.normal(0, 1, 40)
+    trials = [Trial("super", s, super_nll, tokens, set_id="same") for s in range(3)]
+    trials += [Trial("random_k", j, base_nll + 63 * rng.lognormal(-6, 1) + rng.normal(0, 1, 40), tokens,
+                     set_id=f"r{j}") for j in range(19)]
+    out = summarize_trials(baseline, trials, n_boot=500)
+    test = out["tests"]["super_vs_random_k"]
+    assert out["conditions"]["super"]["n_distinct_sets"] == 1 and test["n_tested_trials"] == 3
+    assert test["p_value"] == pytest.approx(1 / 20) and test["parametric"]["p_value"] < 1e-6
+    x = (super_nll.sum() - base_nll.sum()) / tokens.sum()
+    assert test["statistic_delta_nll_per_token"] == pytest.approx(x)
     ratio = out["effect_ratio"]
-    if ratio["ci95_resamples_left_out"] > 0.025:
-        assert ratio["ci95"][1] == math.inf and "unbounded" in ratio["ci95_note"]
-    # A single seed: no spread is measured, so none is reported.
-    single = summarize_trials(baseline, [t for t in trials if t.seed == 0], n_boot=200)
-    assert math.isnan(single["conditions"]["random_k"]["delta_ppl_std_over_seeds"])
+    controls = [s["delta_nll_per_token"] for s in out["conditions"]["random_k"]["per_seed"]]
+    assert ratio["value"] == pytest.approx(x / np.mean(controls))
+    assert ratio["lower_bound_95"] == pytest.approx(x / max(controls))  # K = 0 with 19 sets: the largest
+    lo, hi = out["conditions"]["random_k"]["set_level"]["ci95_mean_delta_nll_per_token"]
+    assert lo < np.mean(controls) < hi
+    one = summarize_trials(baseline, trials[:3] + trials[3:4], n_boot=200)
+    assert one["tests"]["super_vs_random_k"]["p_value"] == 0.5 and "cannot reach" in one["tests"][
+        "super_vs_random_k"]["note"]
+    assert math.isnan(one["effect_ratio"]["lower_bound_95"]) and "too few" in one["effect_ratio"]["note"]
+
+
+def test_collapsed_trials_count_as_the_worst_rank_in_every_condition():
+    rng = np.random.default_rng(5)
+    tokens = np.full(10, 63)
+    base = rng.normal(200, 20, 10)
+    baseline = Trial("baseline", -1, base, tokens)
+    inf = base.copy()
+    inf[3] = np.inf
+    controls = [Trial("random_k", j, base + rng.normal(5, 1, 10), tokens, set_id=f"r{j}") for j in range(19)]
+    collapsed_super = [Trial("super", 0, inf, tokens, set_id="s")]
+    out = summarize_trials(baseline, collapsed_super + controls, n_boot=200)
+    assert out["tests"]["super_vs_random_k"]["p_value"] == pytest.approx(1 / 20)
+    assert out["effect_ratio"]["lower_bound_95"] == math.inf
+    # A collapsed control set is at least as harmful as a collapsed super set: it is counted, not left out.
+    controls[0] = Trial("random_k", 0, inf, tokens, set_id="r0")
+    out = summarize_trials(baseline, collapsed_super + controls, n_boot=200)
+    assert out["tests"]["super_vs_random_k"]["p_value"] == pytest.approx(2 / 20)
+    assert out["conditions"]["random_k"]["set_level"]["ci95_mean_delta_nll_per_token"][1] == math.inf
+
+
+def test_bottom_k_that_leaves_every_window_unchanged_is_flagged():
+    rng = np.random.default_rng(6)
+    tokens = np.full(10, 63)
+    base = rng.normal(200, 20, 10)
+    trials = [Trial("super", 0, base + 50, tokens, set_id="s"), Trial("bottom_k", 0, base.copy(), tokens, set_id="b")]
+    trials += [Trial("random_k", j, base + rng.normal(1, 1, 10), tokens, set_id=f"r{j}") for j in range(19)]
+    out = summarize_trials(Trial("baseline", -1, base, tokens), trials, n_boot=200)
+    assert "unchanged" in out["tests"]["random_k_vs_bottom_k"]["not_informative"]
+    trials[1] = Trial("bottom_k", 0, base + 1e-9, tokens, set_id="b")
+    out = summarize_trials(Trial("baseline", -1, base, tokens), trials, n_boot=200)
+    assert "not_informative" not in out["tests"]["random_k_vs_bottom_k"]

@@ -52,8 +52,11 @@ def cross_metric(profiles: list[Run]) -> dict | None:
     runs = list(best.values())
     result = compare_runs([r.dir for r in runs])
     label_of = {str(r.dir): r.label for r in runs}
+    metric_of = {str(r.dir): r.data.get("metric") for r in runs}
     for p in result["pairs"]:
+        p["a_metric"], p["b_metric"] = metric_of[p["a_dir"]], metric_of[p["b_dir"]]
         p["a"], p["b"] = label_of[p.pop("a_dir")], label_of[p.pop("b_dir")]  # no machine-specific paths
+        p["shared_factors"] = sorted(cl.shared_factors(p["a_metric"], p["b_metric"]))
     for r in result["runs"]:
         r["dir"] = label_of[r["dir"]]
     result["labels"] = [r.label for r in runs]
@@ -64,7 +67,7 @@ def evaluate_checklist(col: Collection, comparison: dict | None) -> list[cl.Crit
     """Every criterion the runs provide, then a "not measured" row for each one none of them does."""
     criteria: list[cl.Criterion] = []
     for r in col.of("perturb"):
-        criteria += cl.perturb_criteria(r.label, r.data)
+        criteria += cl.perturb_criteria(r.label, r.data, r.config)
     if comparison is not None:
         criteria.append(cl.overlap_criterion(comparison))
     for r in col.of("profile"):
@@ -72,6 +75,7 @@ def evaluate_checklist(col: Collection, comparison: dict | None) -> list[cl.Crit
     for r in col.of("baseline"):
         criteria += cl.baseline_criteria(r.label, r.data)
     criteria += cl.not_measured(criteria)
+    cl.apply_holm(criteria)
     order = list(cl.NEEDS)
     evidence = sorted((c for c in criteria if c.group == "evidence"), key=lambda c: order.index(c.name))
     technical = [c for c in criteria if c.group == "technical"]
@@ -151,13 +155,20 @@ def perturb_table(runs: list[Run]) -> Table:
                                         else f" p={spec['prob']:g}" if spec.get("kind") == "bit_flip" else "")
         for cond, c in r.data.get("conditions", {}).items():
             ci = c.get("ci95_delta_ppl")
-            rows.append([r.label, kind, cond, fmt(c.get("n_weights")), fmt(c.get("ppl")), fmt(c.get("delta_ppl")),
-                         f"[{fmt(ci[0], 3)}, {fmt(ci[1], 3)}]" if ci else "—", fmt(c.get("relative_delta_ppl")),
-                         fmt(c.get("delta_ppl_mean_over_seeds")), fmt(c.get("delta_ppl_std_over_seeds")),
+            level = c.get("set_level", {})
+            sci = level.get("ci95_mean_delta_nll_per_token")
+            rows.append([r.label, kind, cond, fmt(c.get("n_weights")), fmt(level.get("n_sets")),
+                         fmt(level.get("mean_delta_nll_per_token")),
+                         f"[{fmt(sci[0], 3)}, {fmt(sci[1], 3)}]" if sci else "not available",
+                         fmt(c.get("ppl")), fmt(c.get("delta_ppl")),
+                         f"[{fmt(ci[0], 3)}, {fmt(ci[1], 3)}]" if ci else "—",
                          f"{c.get('n_collapsed', 0)}/{c.get('n_trials', 0)}"])
-    return Table("perturbation", "Perturbation trials: ΔPPL per condition (pooled over seeds, 95% bootstrap CI)",
-                 ["run", "perturbation", "condition", "weights", "PPL", "ΔPPL", "95% CI", "relative ΔPPL",
-                  "mean ΔPPL over seeds", "sd over seeds", "collapsed"], rows,
+    return Table("perturbation", "Perturbation trials per condition",
+                 ["run", "perturbation", "condition", "weights", "sets", "mean ΔNLL (nats/token)",
+                  "95% CI (sets, then windows)", "PPL", "pooled ΔPPL", "95% CI given these sets", "collapsed"], rows,
+                 note="mean ΔNLL: mean over the condition's weight sets (unit: weight set; a collapsed set counts as "
+                      "+∞); its CI resamples sets, then windows (a condition with one distinct set: windows only). "
+                      "Pooled ΔPPL and its CI resample windows only: they describe these sets, not sets in general.",
                  align=["l", "l", "l"] + ["r"] * 8)
 
 
@@ -165,26 +176,32 @@ def tests_table(runs: list[Run]) -> Table:
     rows = []
     for r in runs:
         for key, t in r.data.get("tests", {}).items():
-            rows.append([r.label, key.replace("_vs_", " vs "), fmt(t.get("p_paired_t")), fmt(t.get("p_wilcoxon")),
-                         fmt(t.get("effect_size_dz")), fmt(t.get("across_seeds", {}).get("p_value")),
-                         t.get("across_seeds", {}).get("test", "")])
+            window = t.get("per_window", t)  # runs before set-level statistics kept the paired tests at the top
+            rows.append([r.label, key.replace("_vs_", " vs "), t.get("unit", "not available"),
+                         fmt(t.get("n_control_sets")), fmt(t.get("p_value")),
+                         fmt(t.get("parametric", {}).get("p_value")), fmt(window.get("p_paired_t")),
+                         fmt(window.get("p_wilcoxon")), fmt(window.get("effect_size_dz"))])
         ratio = r.data.get("effect_ratio", {})
         ci = ratio.get("ci95")
-        rows.append([r.label, "effect ratio super / random_k", fmt(ratio.get("value")),
-                     f"CI [{fmt(ci[0], 3)}, {fmt(ci[1], 3)}]" if ci else "—", "", "", ""])
-    return Table("tests", "Significance (one-sided: the first condition hurts more)",
-                 ["run", "comparison", "paired t p / ratio", "Wilcoxon p / CI", "d_z", "p across seeds", "test"],
-                 rows, note="paired tests: n = evaluation windows, conditional on the weight sets drawn; across seeds: "
-                            "n = seeds, set-to-set variation (Welch, or a prediction-interval test when one condition "
-                            "used a single set)", align=["l", "l", "r", "r", "r", "r", "l"])
+        rows.append([r.label, "effect ratio ΔNLL super / random_k", ratio.get("unit", "not available"), "",
+                     f"ratio {fmt(ratio.get('value'))}", f"lower bound {fmt(ratio.get('lower_bound_95'))}",
+                     f"CI [{fmt(ci[0], 3)}, {fmt(ci[1], 3)}]" if ci else "—", "", ""])
+    return Table("tests", "Significance (one-sided: super hurts more than random_k sets; bottom_k hurts less)",
+                 ["run", "comparison", "unit", "control sets", "rank p", "parametric p",
+                  "paired t p (windows)", "Wilcoxon p (windows)", "d_z (windows)"], rows,
+                 note="rank p: Monte Carlo rank test of the tested set's ΔNLL among the random_k control sets "
+                      "(unit: weight set; evidence); parametric p: prediction-interval t-test on ΔNLL across sets "
+                      "(secondary); paired tests: n = evaluation windows, given these weight sets (description "
+                      "only). Effect ratio: lower bound by rank-test inversion (unit: weight set); CI resamples "
+                      "sets, then windows.", align=["l", "l", "l", "r", "r", "r", "r", "r", "r"])
 
 
 def checklist_table(criteria: list[cl.Criterion]) -> Table:
     rows = [[c.group, c.name, c.run or "all", fmt(c.value) if not isinstance(c.value, str) else c.value,
-             c.threshold, c.status, c.detail] for c in criteria]
-    return Table("checklist", "Each criterion: what was measured, the threshold, the verdict", ["group", "criterion", "run", "measured", "threshold", "status",
-                                                     "detail"], rows, status_column=5,
-                 align=["l", "l", "l", "r", "l", "l", "l"])
+             c.unit or "—", c.threshold, c.status, c.detail] for c in criteria]
+    return Table("checklist", "Each criterion: what was measured, its unit, the threshold, the verdict",
+                 ["group", "criterion", "run", "measured", "unit", "threshold", "status", "detail"], rows,
+                 status_column=6, align=["l", "l", "l", "r", "l", "l", "l", "l"])
 
 
 def environment_table(col: Collection) -> Table:
@@ -252,7 +269,8 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em aut
 table{border-collapse:collapse;margin:1em 0;font-size:13px}caption{text-align:left;font-weight:600;padding:4px 0}
 th,td{border-bottom:1px solid #ddd;padding:3px 8px}th{background:#f4f4f4}td.r,th.r{text-align:right}
 td.status-met{color:#1a7f37;font-weight:600}td.status-not-met{color:#cf222e;font-weight:600}
-td.status-not-measured{color:#888}.figures{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:1.5em;
+td.status-not-measured,td.status-not-applicable{color:#888}td.status-not-informative{color:#9a6700}
+.figures{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:1.5em;
 align-items:start}figure{margin:0}figure.wide{grid-column:1/-1}figure img{max-width:100%;height:auto}
 figcaption{font-size:12px;color:#555}.note{font-size:12px;color:#555}"""
 
@@ -275,7 +293,7 @@ def _sections(col: Collection, comparison: dict | None, criteria: list[cl.Criter
 
 def _summary_line(criteria: list[cl.Criterion]) -> str:
     counts = cl.summarize(criteria)["counts"]
-    return f"{counts[cl.MET]} met, {counts[cl.NOT_MET]} not met, {counts[cl.NOT_MEASURED]} not measured"
+    return ", ".join(f"{counts[s]} {s}" for s in cl.STATUSES if counts[s] or s in (cl.MET, cl.NOT_MET))
 
 
 def render_markdown(sections, figures, criteria, col: Collection, out_dir: Path) -> str:
