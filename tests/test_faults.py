@@ -124,18 +124,20 @@ def test_ctrl_c_during_perturb_restores_the_weights_and_the_run_resumes(model_di
                            seeds=[0, 1], n_bootstrap=200, out_dir=str(tmp_path / "run"))
     session = _session(model_dir, data)
     before = model_fingerprint(session.loaded.model)
-    # Interrupt the 4th evaluation: baseline and two trials are done, the third is inside its perturbation.
+    # Interrupt the 4th evaluation: the baseline and two evaluated trials are done (trials that reuse an earlier
+    # identical set's result need no evaluation), the third is inside its perturbation.
     _interrupt_on_call(monkeypatch, "esa.trials.evaluate", 4)
     with pytest.raises(KeyboardInterrupt):
         run_perturb(config, session=session)
     assert model_fingerprint(session.loaded.model) == before  # restored on the way out
     assert not is_finished(tmp_path / "run")
-    done = [r["trial_id"] for r in read_jsonl(tmp_path / "run" / "trials.jsonl")]
-    assert len(done) == 3
+    records = read_jsonl(tmp_path / "run" / "trials.jsonl")
+    done = [r["trial_id"] for r in records]
+    assert len([r for r in records if "reused_from" not in r]) == 3
     monkeypatch.undo()
     run_perturb(config, session=session)  # the same command again resumes
     assert is_finished(tmp_path / "run") and read_json(tmp_path / "run" / MANIFEST)["resumed"] is True
-    assert [r["trial_id"] for r in read_jsonl(tmp_path / "run" / "trials.jsonl")][:3] == done
+    assert [r["trial_id"] for r in read_jsonl(tmp_path / "run" / "trials.jsonl")][:len(done)] == done
     assert model_fingerprint(session.loaded.model) == before
 
 
