@@ -52,7 +52,8 @@ def data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_si
 
 # ----------------------------------------------------------------------------------------------- selection
 Metric = Annotated[str, typer.Option(help="grad_x_weight | grad_squared | hessian_diag | hutchinson_diag | magnitude "
-                                     "| act_mag", rich_help_panel="Selection")]
+                                     "| act_mag | taylor | obd (signed estimates of the loss change of zeroing a weight, "
+                                     "ranked by |value|)", rich_help_panel="Selection")]
 Mode = Annotated[str, typer.Option(help="per_layer (top-k in every tensor) | global (top-k over the whole model)",
                                    rich_help_panel="Selection")]
 TopK = Annotated[int, typer.Option("--topk", "-k", help="weights selected (per tensor in per_layer mode)",

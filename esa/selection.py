@@ -6,7 +6,8 @@ exact without concatenating all scores: the k best of the union are among the k 
 total order, so merging per-tensor candidates suffices (:func:`esa.kernels.merge_topk`). The merge runs tensor by
 tensor, keeping only the best k so far, so it holds and sorts at most 2k candidates (k ≤ 2^30) whatever the number
 of tensors. Per-tensor selection streams each score buffer through :func:`esa.kernels.topk`, which never sorts
-more than 2^31 elements at once.
+more than 2^31 elements at once. Signed metrics (``taylor``, ``obd``) are ranked by |S|, one tensor's |S| at a time,
+and the selected weights keep their signed score.
 
 ``random_k`` draws uniformly without replacement, never picking an element of the top-k set; by default it is
 stratified to the top-k set's per-tensor counts, so the control differs in *which* weights, not *where*.
@@ -22,7 +23,7 @@ import torch
 
 from esa.errors import EsaError
 from esa.kernels import merge_topk, topk
-from esa.scoring import ScoreSet
+from esa.scoring import ScoreSet, is_signed, ranking_view
 from esa.tensors import TensorInfo
 
 MODES = ("per_layer", "global")
@@ -80,13 +81,24 @@ def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True)
     _check_scores(scores)
     kind = "top_k" if largest else "bottom_k"
     infos = [t for t in scores.tensors if t.name in scores.scores]
+
+    def ranked(info: TensorInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        return topk(ranking_view(scores.scores[info.name], scores.metric), min(k, info.numel), largest=largest)
+
+    def signed(name: str, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The scores at ``idx`` with their sign (signed metrics), else the ranked ``values`` themselves."""
+        if not is_signed(scores.metric):
+            return values
+        s = scores.scores[name]
+        return s.reshape(-1)[idx.to(s.device)]
+
     if mode == "per_layer":
         names, flat, vals, ranks = [], [], [], []
         for info in infos:
-            values, idx = topk(scores.scores[info.name], min(k, info.numel), largest=largest)
+            values, idx = ranked(info)
             names += [info.name] * idx.numel()
             flat.append(idx.cpu().numpy())
-            vals.append(values.double().cpu().numpy())
+            vals.append(signed(info.name, idx, values).double().cpu().numpy())
             ranks.append(np.arange(idx.numel()))
         if not names:
             return _empty(kind)
@@ -102,7 +114,7 @@ def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True)
     run_idx = torch.empty(0, dtype=torch.int64)
     run_val = torch.empty(0, dtype=torch.float32)
     for p, info in enumerate(infos):
-        values, idx = topk(scores.scores[info.name], min(k, info.numel), largest=largest)
+        values, idx = ranked(info)
         which, merged_val, merged_idx = merge_topk(
             [(run_val, torch.arange(run_val.numel())), (values.cpu(), idx.cpu())],
             min(k, run_val.numel() + values.numel()), largest=largest)
@@ -113,6 +125,11 @@ def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True)
         new_idx[from_run] = run_idx[merged_idx[from_run]]
         run_pos, run_idx, run_val = new_pos, new_idx, merged_val
     names = [infos[p].name for p in run_pos.tolist()]
+    if is_signed(scores.metric):  # ranked by |S|: report the signed scores of the chosen weights
+        run_val = run_val.clone()
+        for p in run_pos.unique().tolist():
+            at = run_pos == p
+            run_val[at] = signed(infos[p].name, run_idx[at], run_val).cpu().float()
     return WeightSet(names, run_idx.numpy(), run_val.double().numpy(), np.arange(len(names)), kind,
                      {"mode": mode, "k": k})
 
