@@ -91,7 +91,8 @@ Controls = Annotated[str, typer.Option(help="comma-separated controls: random_k,
 FromProfile = Annotated[Optional[Path], typer.Option(help="reuse the selection of this finished profile run",
                                                      rich_help_panel="Perturbation")]
 WeightsFile = Annotated[Optional[Path], typer.Option("--weights", help="CSV of tensor,row,col[,expert] (or "
-                                                     "tensor,flat_index) to ablate jointly", rich_help_panel="Perturbation")]
+                                                     "tensor,flat_index) to ablate jointly, or 'known': the model's published super weights",
+                                                     rich_help_panel="Perturbation")]
 Stratified = Annotated[bool, typer.Option("--stratified/--unstratified", help="random_k matches the top-k's "
                                           "per-tensor counts (default) or is uniform over all scored weights",
                                           rich_help_panel="Perturbation")]
