@@ -380,6 +380,71 @@ def superweights(
 
 @app.command()
 @user_errors
+def validate(
+    model: o.Model = None,
+    dtype: o.Dtype = "auto",
+    device: o.Device = "auto",
+    revision: o.Revision = None,
+    trust_remote_code: o.TrustRemoteCode = False,
+    attn_implementation: o.AttnImplementation = None,
+    dataset: o.Dataset = "embedded",
+    dataset_path: o.DatasetPath = None,
+    text_file: o.TextFile = None,
+    seq_len: o.SeqLen = None,
+    max_samples: o.MaxSamples = None,
+    batch_size: o.BatchSize = 8,
+    seed: o.Seed = 0,
+    metrics: Annotated[str, typer.Option(help="comma-separated metrics to test [default: all that fit; hessian_diag "
+                                         "only within --hessian-budget]", rich_help_panel="Validation")] = "",
+    sample: Annotated[int, typer.Option(help="seeded random weights, stratified over tensors",
+                                        rich_help_panel="Validation")] = 2000,
+    topk: Annotated[int, typer.Option("--topk", "-k", help="plus each metric's global top-k",
+                                      rich_help_panel="Validation")] = 20,
+    perturb: Annotated[str, typer.Option(help="zero | sign_flip", rich_help_panel="Validation")] = "zero",
+    n_bootstrap: Annotated[int, typer.Option(help="bootstrap resamples of the sampled weights",
+                                             rich_help_panel="Validation")] = 1000,
+    include: o.Include = None,
+    exclude: o.Exclude = None,
+    include_biases: o.IncludeBiases = False,
+    include_norms: o.IncludeNorms = False,
+    hutchinson_probes: o.HutchinsonProbes = 8,
+    hessian_budget: o.HessianBudget = 4096,
+    out_dir: o.OutDir = Path("runs/validate"),
+    overwrite: o.Overwrite = False,
+) -> None:
+    """Exact single-weight ablations against every metric: which metric predicts the true loss change?
+
+    Rerunning the same command resumes an interrupted run.
+    """
+    from esa.config import ValidateConfig
+    from esa.validate import run_validate
+
+    config = ValidateConfig(
+        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation),
+        data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
+        selection=o.selection_config("magnitude", "global", topk, include, exclude, include_biases, include_norms,
+                                     hutchinson_probes, hessian_budget),
+        metrics=[m.strip() for m in metrics.split(",") if m.strip()], sample=sample, topk=topk, perturb=perturb,
+        n_bootstrap=n_bootstrap, out_dir=str(out_dir), overwrite=overwrite,
+    )
+    run = run_validate(config)
+    s = run["summary"]
+    table = Table(title=f"which metric predicts the true effect? {s['perturb']} ablation of {s['n_sample']:,} sampled "
+                        f"weights ({s['n_ablations']:,} with the top-k)", title_justify="left")
+    for col in ("metric", "Spearman |Δ|", "95% CI", "Kendall |Δ|", "Spearman signed", f"precision@{s['precision_k']}",
+                "own top-k mean |ΔNLL|"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for m, f in s["metrics"].items():
+        ci = f["spearman_abs_ci95"]
+        table.add_row(m, _fmt(f["spearman_abs"], 3), f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a",
+                      _fmt(f["kendall_abs"], 3), _fmt(f["spearman_signed"], 3), _fmt(f["precision_at_k"], 3),
+                      f"{f['own_topk_mean_abs_delta_nll']:.3g}" if f["own_topk_mean_abs_delta_nll"] is not None else "n/a")
+    console.print(table)
+    console.print(f"results in {run['out_dir']}")
+
+
+@app.command()
+@user_errors
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="run directories, or folders of them (e.g. an esa run "
                                                    "out-dir)")],
