@@ -123,3 +123,20 @@ def test_bad_flags_are_one_line_errors(tmp_path):
                         (["--sample", "3"], "--sample must be at least 10")]:
         result = run("validate", *args, "--out-dir", tmp_path / "v")
         assert result.exit_code == 2 and match in result.output and "Traceback" not in result.output, result.output
+
+
+def test_report_shows_which_metric_predicts_the_true_effect(tmp_path):
+    out = tmp_path / "v"
+    result = run("validate", "--seq-len", "32", "--max-samples", "2", "--sample", "12", "--topk", "1", "--metrics",
+                 "magnitude,taylor", "--n-bootstrap", "100", "--out-dir", out)
+    assert result.exit_code == 0, result.output
+    assert "Spearman" in result.output and "taylor" in result.output
+    report = run("report", out, "--out", tmp_path / "r")
+    assert report.exit_code == 0, report.output
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Which metric predicts the true effect?" in md
+    section = md.split("## Which metric predicts the true effect?")[1].split("\n## ")[0]
+    summary = json.loads((out / "validate.json").read_text())
+    assert "| taylor |" in section and "| magnitude |" in section
+    assert f"{summary['metrics']['taylor']['spearman_abs']:.4g}" in section
+    assert (tmp_path / "r" / "figures" / "validate_v_taylor.png").exists()
