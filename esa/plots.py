@@ -82,7 +82,8 @@ def plot_top_locations(rows: list[tuple], path_stem: Path, n: int = 200) -> list
         pts = [(r[6], r[5], float(r[8])) for r in rows if r[1] == name and r[6] != ""]
         if pts:
             cols, rws, sc = zip(*pts)
-            size = 10 + 80 * np.asarray(sc) / max(sc)
+            magnitude = np.abs(np.asarray(sc))  # signed metrics (taylor, obd) are sized by |score|
+            size = 10 + 80 * magnitude / max(magnitude.max(), np.finfo(float).tiny)
             ax.scatter(cols, rws, s=size, alpha=0.7)
         ax.set_title(name.removesuffix(".weight"), fontsize=8)
         ax.set_xlabel("col (input channel)")
