@@ -95,7 +95,7 @@ def test_signed_metric_keeps_its_sign_in_csv_and_saved_scores_and_drives_perturb
     model_dir, info = planted
     out = tmp_path / "taylor"
     result = run("profile", "--model", model_dir, "--metric", "taylor", "--topk", "20", *FAST, "--save-scores",
-                 "--out-dir", out)
+                 "--save-plots", "--out-dir", out)
     assert result.exit_code == 0, result.output
     top = rows(out / "top_weights.csv")
     saved = load_file(out / "scores.safetensors")
@@ -110,6 +110,7 @@ def test_signed_metric_keeps_its_sign_in_csv_and_saved_scores_and_drives_perturb
     assert int(planted_row["flat_index"]) == info["flat_index"] and float(planted_row["score"]) > 0
     manifest = json.loads((out / "experiment_manifest.json").read_text())
     assert manifest["scoring"]["signed"] is True
+    assert (out / "plots" / "top_locations.png").stat().st_size > 0 and "Warning" not in result.output
     result = run("perturb", "--model", model_dir, "--metric", "taylor", "--mode", "global", "--topk", "1", *FAST,
                  "--seeds", "0", "--controls", "none", "--n-bootstrap", "200", "--out-dir", tmp_path / "p")
     assert result.exit_code == 0, result.output
