@@ -357,6 +357,142 @@ def print_perturb(results: dict, out_dir: Path) -> None:
 
 @app.command()
 @user_errors
+def superweights(
+    model: o.Model = None,
+    dtype: o.Dtype = "auto",
+    device: o.Device = "auto",
+    revision: o.Revision = None,
+    trust_remote_code: o.TrustRemoteCode = False,
+    attn_implementation: o.AttnImplementation = None,
+    dataset: o.Dataset = "embedded",
+    dataset_path: o.DatasetPath = None,
+    text_file: o.TextFile = None,
+    seq_len: o.SeqLen = None,
+    max_samples: Annotated[Optional[int], typer.Option(help="detect on this many evaluation windows instead of the "
+                                                       "prompt", rich_help_panel="Data")] = None,
+    batch_size: o.BatchSize = 8,
+    seed: o.Seed = 0,
+    prompt: Annotated[str, typer.Option(help="input when --max-samples is not given",
+                                        rich_help_panel="Detection")] = "Apple Inc. is a worldwide tech company.",
+    threshold: Annotated[float, typer.Option(help="a spike exceeds this |activation| (the paper's 50)",
+                                             rich_help_panel="Detection")] = 50.0,
+    relative_threshold: Annotated[float, typer.Option(help="... and this multiple of the layer's median channel "
+                                                      "maximum", rich_help_panel="Detection")] = 10.0,
+    iterate: Annotated[bool, typer.Option("--iterate", help="zero the found weights and look again until nothing "
+                                          "new appears", rich_help_panel="Detection")] = False,
+    max_iterations: Annotated[int, typer.Option(help="passes of --iterate at most", rich_help_panel="Detection")] = 10,
+    from_profile: Annotated[Optional[Path], typer.Option(help="rank of each found weight under this profile run's "
+                                                         "metric", rich_help_panel="Detection")] = None,
+    mediation: Annotated[bool, typer.Option("--mediation", help="PPL with the found weights zeroed, and zeroed with "
+                                            "their super activations restored", rich_help_panel="Detection")] = False,
+    out_dir: o.OutDir = Path("runs/superweights"),
+    overwrite: o.Overwrite = False,
+) -> None:
+    """Super weights from activation spikes of the MLP down projections (Yu et al. 2024), no gradient needed."""
+    from esa.config import SuperweightsConfig
+    from esa.superweights import run_superweights
+
+    config = SuperweightsConfig(
+        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation),
+        data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
+        prompt=prompt, threshold=threshold, relative_threshold=relative_threshold, iterate=iterate,
+        max_iterations=max_iterations, from_profile=str(from_profile) if from_profile else None, mediation=mediation,
+        out_dir=str(out_dir), overwrite=overwrite,
+    )
+    run = run_superweights(config)
+    m = run["metrics"]
+    table = Table(title=f"super weights — {m['input']}, spike > {m['threshold']:g} and > "
+                        f"{m['relative_threshold']:g}× layer median", title_justify="left")
+    for col in ("rank", "tensor", "expert", "row", "col", "input spike", "output spike", "weight", "pass", "known"):
+        table.add_column(col, justify="left" if col == "tensor" else "right")
+    for i, c in enumerate(run["found"], start=1):
+        table.add_row(str(i), c.tensor, "" if c.expert is None else str(c.expert), str(c.row), str(c.col),
+                      f"{c.input_spike:.4g}", f"{c.output_spike:.4g}", f"{c.weight:.4g}", str(c.iteration), c.known)
+    console.print(table)
+    if m["note"]:
+        console.print(m["note"])
+    if m["registry"]:
+        r = m["registry"]
+        console.print(f"published ({r['model']}): {r['found_published']} of {r['published']} found")
+    if m["profile_ranks"]:
+        p = m["profile_ranks"]
+        console.print(f"ranks under {p['metric']} ({p['basis']}): "
+                      + ", ".join(f"{k} → {v if v is not None else 'not in top-k'}" for k, v in p["ranks"].items()))
+    med = m.get("mediation")
+    if med and "ppl_intact" in med:
+        console.print(f"mediation: PPL {med['ppl_intact']:.4g} intact, {med['ppl_zeroed']:.4g} zeroed, "
+                      f"{med['ppl_zeroed_activation_restored']:.4g} zeroed with the super activation restored "
+                      f"(recovered {_fmt(med['recovered'], 3)} of the NLL damage)")
+    console.print(f"results in {run['out_dir']}")
+
+
+@app.command()
+@user_errors
+def validate(
+    model: o.Model = None,
+    dtype: o.Dtype = "auto",
+    device: o.Device = "auto",
+    revision: o.Revision = None,
+    trust_remote_code: o.TrustRemoteCode = False,
+    attn_implementation: o.AttnImplementation = None,
+    dataset: o.Dataset = "embedded",
+    dataset_path: o.DatasetPath = None,
+    text_file: o.TextFile = None,
+    seq_len: o.SeqLen = None,
+    max_samples: o.MaxSamples = None,
+    batch_size: o.BatchSize = 8,
+    seed: o.Seed = 0,
+    metrics: Annotated[str, typer.Option(help="comma-separated metrics to test [default: all that fit; hessian_diag "
+                                         "only within --hessian-budget]", rich_help_panel="Validation")] = "",
+    sample: Annotated[int, typer.Option(help="seeded random weights, stratified over tensors",
+                                        rich_help_panel="Validation")] = 2000,
+    topk: Annotated[int, typer.Option("--topk", "-k", help="plus each metric's global top-k",
+                                      rich_help_panel="Validation")] = 20,
+    perturb: Annotated[str, typer.Option(help="zero | sign_flip", rich_help_panel="Validation")] = "zero",
+    n_bootstrap: Annotated[int, typer.Option(help="bootstrap resamples of the sampled weights",
+                                             rich_help_panel="Validation")] = 1000,
+    include: o.Include = None,
+    exclude: o.Exclude = None,
+    include_biases: o.IncludeBiases = False,
+    include_norms: o.IncludeNorms = False,
+    hutchinson_probes: o.HutchinsonProbes = 8,
+    hessian_budget: o.HessianBudget = 4096,
+    out_dir: o.OutDir = Path("runs/validate"),
+    overwrite: o.Overwrite = False,
+) -> None:
+    """Exact single-weight ablations against every metric: which metric predicts the true loss change?
+
+    Rerunning the same command resumes an interrupted run.
+    """
+    from esa.config import ValidateConfig
+    from esa.validate import run_validate
+
+    config = ValidateConfig(
+        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation),
+        data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
+        selection=o.selection_config("magnitude", "global", topk, include, exclude, include_biases, include_norms,
+                                     hutchinson_probes, hessian_budget),
+        metrics=[m.strip() for m in metrics.split(",") if m.strip()], sample=sample, topk=topk, perturb=perturb,
+        n_bootstrap=n_bootstrap, out_dir=str(out_dir), overwrite=overwrite,
+    )
+    run = run_validate(config)
+    s = run["summary"]
+    table = Table(title=f"which metric predicts the true effect? {s['perturb']} ablation of {s['n_sample']:,} sampled "
+                        f"weights ({s['n_ablations']:,} with the top-k)", title_justify="left")
+    for col in ("metric", "Spearman |Δ|", "95% CI", "Kendall |Δ|", "Spearman signed", f"precision@{s['precision_k']}",
+                "own top-k mean |ΔNLL|"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for m, f in s["metrics"].items():
+        ci = f["spearman_abs_ci95"]
+        table.add_row(m, _fmt(f["spearman_abs"], 3), f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a",
+                      _fmt(f["kendall_abs"], 3), _fmt(f["spearman_signed"], 3), _fmt(f["precision_at_k"], 3),
+                      f"{f['own_topk_mean_abs_delta_nll']:.3g}" if f["own_topk_mean_abs_delta_nll"] is not None else "n/a")
+    console.print(table)
+    console.print(f"results in {run['out_dir']}")
+
+
+@app.command()
+@user_errors
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="run directories, or folders of them (e.g. an esa run "
                                                    "out-dir)")],

@@ -52,7 +52,8 @@ def data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_si
 
 # ----------------------------------------------------------------------------------------------- selection
 Metric = Annotated[str, typer.Option(help="grad_x_weight | grad_squared | hessian_diag | hutchinson_diag | magnitude "
-                                     "| act_mag", rich_help_panel="Selection")]
+                                     "| act_mag | taylor | obd (signed estimates of the loss change of zeroing a weight, "
+                                     "ranked by |value|)", rich_help_panel="Selection")]
 Mode = Annotated[str, typer.Option(help="per_layer (top-k in every tensor) | global (top-k over the whole model)",
                                    rich_help_panel="Selection")]
 TopK = Annotated[int, typer.Option("--topk", "-k", help="weights selected (per tensor in per_layer mode)",
@@ -94,7 +95,8 @@ Controls = Annotated[str, typer.Option(help="comma-separated controls: random_k,
 FromProfile = Annotated[Optional[Path], typer.Option(help="reuse the selection of this finished profile run",
                                                      rich_help_panel="Perturbation")]
 WeightsFile = Annotated[Optional[Path], typer.Option("--weights", help="CSV of tensor,row,col[,expert] (or "
-                                                     "tensor,flat_index) to ablate jointly", rich_help_panel="Perturbation")]
+                                                     "tensor,flat_index) to ablate jointly, or 'known': the model's published super weights",
+                                                     rich_help_panel="Perturbation")]
 Stratified = Annotated[bool, typer.Option("--stratified/--unstratified", help="random_k matches the top-k's "
                                           "per-tensor counts (default) or is uniform over all scored weights",
                                           rich_help_panel="Perturbation")]

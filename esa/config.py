@@ -89,6 +89,39 @@ class PerturbConfig:
     overwrite: bool = False
 
 
+@dataclass
+class SuperweightsConfig:
+    """``esa superweights``: activation-spike detection (see :mod:`esa.superweights`)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # windows are the input only with max_samples set
+    prompt: str = "Apple Inc. is a worldwide tech company."
+    threshold: float = 50.0  # absolute spike threshold (Yu et al. 2024)
+    relative_threshold: float = 10.0  # spike / median over channels of their maxima
+    iterate: bool = False
+    max_iterations: int = 10
+    from_profile: str | None = None
+    mediation: bool = False
+    out_dir: str = "runs/superweights"
+    overwrite: bool = False
+
+
+@dataclass
+class ValidateConfig:
+    """``esa validate``: exact single-weight ablations against every metric's prediction (see :mod:`esa.validate`)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)  # tensors, probes, budget; metric unused
+    metrics: list[str] = field(default_factory=list)  # empty = every metric that fits (hessian_diag within budget)
+    sample: int = 2000  # seeded random weights, stratified over tensors
+    topk: int = 20  # plus each metric's global top-k
+    perturb: str = "zero"  # zero | sign_flip
+    n_bootstrap: int = 1000
+    out_dir: str = "runs/validate"
+    overwrite: bool = False
+
+
 def same_config(saved: dict, config: Any, *, ignore: tuple[str, ...] = ()) -> bool:
     """Whether ``saved`` (a run's config.json) describes ``config``, top-level keys in ``ignore`` aside."""
     mine = to_dict(config)

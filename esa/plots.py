@@ -93,7 +93,8 @@ def plot_top_locations(rows: list[tuple], path_stem: Path, n: int = 200) -> list
         pts = [(int(r[6]), int(r[5]), float(r[8])) for r in rows if r[1] == name and r[6] != ""]
         if pts:
             cols, rws, sc = zip(*pts)
-            size = 10 + 80 * np.asarray(sc) / max(max(sc), 1e-300)
+            magnitude = np.abs(np.asarray(sc))  # signed metrics (taylor, obd) are sized by |score|
+            size = 10 + 80 * magnitude / max(magnitude.max(), np.finfo(float).tiny)
             ax.scatter(cols, rws, s=size, alpha=0.7)
             for lim, values in ((ax.set_xlim, cols), (ax.set_ylim, rws)):  # at least a few whole indices in view
                 pad = max(1.0, 0.06 * (max(values) - min(values)))

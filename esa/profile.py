@@ -29,7 +29,7 @@ from esa.config import ProfileConfig, SelectionConfig, to_dict
 from esa.errors import EsaError
 from esa.manifest import Timer, build_manifest
 from esa.runio import MANIFEST, atomic_write_bytes, atomic_write_csv, atomic_write_json, prepare_run_dir, read_csv_rows
-from esa.scoring import ScoreSet, check_metric, compute_scores, needs_double_backward
+from esa.scoring import ScoreSet, check_metric, compute_scores, needs_double_backward, ranking_view
 from esa.selection import MODES, WeightSet, jaccard, select_extreme
 from esa.session import Session, open_session, validate_data_config
 from esa.tensors import TensorInfo, select_tensors
@@ -82,7 +82,8 @@ def score_and_select(session: Session, sel: SelectionConfig, windows: torch.Tens
     summaries = {}
     if summarize:
         tail = max(sel.topk, MIN_TAIL_VALUES)
-        summaries = {t.name: tailstats.summarize(scores.scores[t.name], tail, seed=seed) for t in scores.tensors}
+        summaries = {t.name: tailstats.summarize(ranking_view(scores.scores[t.name], sel.metric), tail, seed=seed)
+                     for t in scores.tensors}
     return Selection(scores.tensors, top, bottom, summaries), scores
 
 
@@ -296,6 +297,7 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
         stats, stat_rows = score_statistics(selection, sel.topk)
         loc_rows, loc_summary = location_table(selection)
         curves = ccdf_curves(selection)
+    scores_meta = dict(scores.meta)
     scores_blob = _scores_bytes(scores) if config.save_scores else None
     plot_inputs = (selection, scores.metric) if config.save_plots else None
     del scores
@@ -348,7 +350,8 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
             from esa.plots import profile_plots
 
             profile_plots(out_dir / "plots", selection, loc_rows, curves, metric=sel.metric)
-    extra = {**session.describe(), "scoring": {"metric": sel.metric, "tensors": [t.name for t in selection.tensors]}}
+    extra = {**session.describe(), "scoring": {"metric": sel.metric, "tensors": [t.name for t in selection.tensors],
+                                               **scores_meta}}
     atomic_write_json(out_dir / MANIFEST, build_manifest(command, timer=timer, extra=extra))
     return {"out_dir": out_dir, "metrics": metrics, "stability": stab, "session": session, "selection": selection}
 

@@ -13,8 +13,20 @@ Batches b = 1..B of windows; L_b is the mean next-token NLL over batch b (the Hu
 - ``act_mag``          S_ij = |w_ij| · ‖x_j‖₂          Wanda: x_j is input feature j of the Linear layer and the norm
                                                        runs over every evaluated token; for an embedding (a Linear
                                                        on one-hot inputs) ‖x_i‖₂ = sqrt(count of token i)
+- ``taylor``           S = −Ḡ ⊙ w                      SIGNED first-order estimate of the change of the mean loss
+                                                       when w is zeroed: L(w − w e_i) − L(w) ≈ −Ḡ_i w_i
+- ``obd``              S = −Ḡ ⊙ w + ½ · Ĥ_ii ⊙ w²      SIGNED second-order estimate (Optimal Brain Damage, LeCun
+                                                       et al. 1990, with the gradient term kept: not at a minimum)
 
 H_b is the Hessian of L_b with respect to the scored tensors (its diagonal is that of the full Hessian).
+
+``taylor`` and ``obd`` estimate the change of the loss that esa evaluates, the mean NLL over every predicted token
+of every window, L̄ = Σ_b (n_b / N) L_b (n_b windows in batch b, N in all; windows have equal length, so window
+counts are token counts). Hence Ḡ = ∇L̄ = Σ_b (n_b/N) g_b — a short last batch weighs less, unlike the per-batch
+averages above — obtained by back-propagating (n_b/N)·L_b. For ``obd``, Ĥ_ii is Hutchinson's estimate of the
+diagonal of ∇²L̄: Σ_b (n_b/N) (1/m) Σ_i z_bi ⊙ (H_b z_bi), with m = ``hutchinson_probes`` Rademacher probes per batch,
+drawn by :func:`rademacher_like` exactly as for ``hutchinson_diag`` (same seed → same probes). Their scores keep
+their sign (in ``--save-scores`` and in the CSVs); selection ranks them by |S| (:func:`ranking_view`).
 
 Memory: gradients are never alive for the whole model at once. Each scored parameter gets a
 ``register_post_accumulate_grad_hook`` that folds its fresh gradient into its float32 score buffer and frees
@@ -39,9 +51,11 @@ from esa.modeling import set_attention
 from esa.progress import progress_bar
 from esa.tensors import TensorInfo
 
-METRICS = ("grad_x_weight", "grad_squared", "hessian_diag", "hutchinson_diag", "magnitude", "act_mag")
+METRICS = ("grad_x_weight", "grad_squared", "hessian_diag", "hutchinson_diag", "magnitude", "act_mag", "taylor", "obd")
 FIRST_ORDER = ("grad_x_weight", "grad_squared")
 SECOND_ORDER = ("hessian_diag", "hutchinson_diag")
+#: Metrics whose scores carry a sign (an estimated loss change); they are ranked by absolute value.
+SIGNED = ("taylor", "obd")
 DEFAULT_HESSIAN_BUDGET = 4096
 
 
@@ -61,7 +75,16 @@ def needs_data(metric: str) -> bool:
 
 
 def needs_double_backward(metric: str) -> bool:
-    return metric in SECOND_ORDER
+    return metric in SECOND_ORDER or metric == "obd"
+
+
+def is_signed(metric: str) -> bool:
+    return metric in SIGNED
+
+
+def ranking_view(score: torch.Tensor, metric: str) -> torch.Tensor:
+    """What selection and tail statistics rank: |S| for a signed metric (a new fp32 tensor), S itself otherwise."""
+    return score.abs() if is_signed(metric) else score
 
 
 def check_metric(metric: str) -> None:
@@ -178,12 +201,21 @@ def compute_scores(
             elif metric == "hutchinson_diag":
                 _hutchinson(model, params, scores, batches, device, hutchinson_probes, seed)
                 meta["probes"] = hutchinson_probes
+            elif metric == "taylor":
+                _taylor(model, params, scores, batches, device)
+            elif metric == "obd":
+                _obd(model, params, scores, batches, device, hutchinson_probes, seed)
+                meta["probes"] = hutchinson_probes
             else:
                 _hessian_diag(model, params, scores, batches, device)
     finally:
         model.train(was_training)
         if needs_double_backward(metric) and meta.get("attn_implementation_was"):
             set_attention(model, meta["attn_implementation_was"])
+    if metric in SIGNED:
+        meta["signed"] = True
+        meta["batch_weighting"] = "n_b/N (gradient of the mean loss over all windows)"
+        return ScoreSet(metric, infos, scores, len(batches), meta)
     n = len(batches) * (hutchinson_probes if metric == "hutchinson_diag" else 1)
     for name, s in scores.items():
         s.div_(n)
@@ -220,6 +252,56 @@ def _hutchinson(model, params, scores, batches, device, probes: int, seed: int) 
                 current.clear()
                 current.update({n: rademacher_like(p, seed, n, b, i) for n, p in params.items()})
                 # d/dw (g · z) = H z, delivered tensor by tensor to the post-accumulate hooks.
+                torch.autograd.backward(grads, grad_tensors=[current[n] for n in names], retain_graph=i < probes - 1)
+                bar.advance()
+            del grads
+    current.clear()
+
+
+def _mean_loss_share(batches: list[torch.Tensor], b: int) -> float:
+    """n_b / N: the weight of batch b's mean loss in the mean loss over all windows."""
+    return batches[b].shape[0] / sum(x.shape[0] for x in batches)
+
+
+def _taylor(model, params, scores, batches, device) -> None:
+    """scores ← −Σ_b ∇((n_b/N) L_b) ⊙ w = −Ḡ ⊙ w, one gradient alive at a time (``product`` then negate)."""
+
+    def fold(name: str, grad: torch.Tensor, p: torch.Tensor) -> None:
+        accumulate_("product", scores[name], grad, p.detach())
+
+    with fold_gradients(params, fold), progress_bar("scoring (taylor)", total=len(batches)) as bar:
+        for b, batch in enumerate(batches):
+            (batch_loss(model, batch.to(device)) * _mean_loss_share(batches, b)).backward()
+            bar.advance()
+    for s in scores.values():
+        s.neg_()
+
+
+def _obd(model, params, scores, batches, device, probes: int, seed: int) -> None:
+    """scores ← −Ḡ ⊙ w + ½ Ĥ_ii ⊙ w² (module docstring), one double-backward pass per batch.
+
+    With l_b = (n_b/N) L_b: the gradient g'_b = ∇l_b gives the first-order term (folded with ``product`` against
+    −w); each probe's H'_b z arrives through the post-accumulate hooks and is folded against z ⊙ w² / (2m), built in
+    fp32 for one tensor at a time.
+    """
+    if probes < 1:
+        raise EsaError(f"--hutchinson-probes must be at least 1 (got {probes})")
+    names, plist = list(params), list(params.values())
+    current: dict[str, torch.Tensor] = {}
+
+    def fold(name: str, hz: torch.Tensor, p: torch.Tensor) -> None:
+        w = p.detach().float()
+        accumulate_("product", scores[name], current[name].float() * w * w * (0.5 / probes), hz)
+
+    with fold_gradients(params, fold), progress_bar("scoring (obd)", total=len(batches) * probes) as bar:
+        for b, batch in enumerate(batches):
+            loss = batch_loss(model, batch.to(device)) * _mean_loss_share(batches, b)
+            grads = torch.autograd.grad(loss, plist, create_graph=True)
+            for name, g in zip(names, grads):
+                accumulate_("product", scores[name], g.detach(), params[name].detach().neg())
+            for i in range(probes):
+                current.clear()
+                current.update({n: rademacher_like(p, seed, n, b, i) for n, p in params.items()})
                 torch.autograd.backward(grads, grad_tensors=[current[n] for n in names], retain_graph=i < probes - 1)
                 bar.advance()
             del grads

@@ -6,7 +6,8 @@ exact without concatenating all scores: the k best of the union are among the k 
 total order, so merging per-tensor candidates suffices (:func:`esa.kernels.merge_topk`). The merge runs tensor by
 tensor, keeping only the best k so far, so it holds and sorts at most 2k candidates (k ≤ 2^30) whatever the number
 of tensors. Per-tensor selection streams each score buffer through :func:`esa.kernels.topk`, which never sorts
-more than 2^31 elements at once.
+more than 2^31 elements at once. Signed metrics (``taylor``, ``obd``) are ranked by |S|, one tensor's |S| at a time,
+and the selected weights keep their signed score.
 
 Unused weights and bottom-k: a weight whose score is exactly zero (its gradient is zero on every window, e.g. the
 embedding row of a token that never occurs) is *unused* by the evaluation, not "least sensitive": perturbing it
@@ -30,7 +31,7 @@ import torch
 
 from esa.errors import EsaError
 from esa.kernels import merge_topk, topk
-from esa.scoring import ScoreSet
+from esa.scoring import ScoreSet, is_signed, ranking_view
 from esa.tensors import TensorInfo
 
 MODES = ("per_layer", "global")
@@ -102,16 +103,28 @@ def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True,
     meta: dict = {"mode": mode, "k": k}
     if skip_unused:
         meta["unused_left_out"] = int(sum(int((scores.scores[t.name] == 0).sum()) for t in infos))
+
+    def ranked(info: TensorInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        view = _ranked(ranking_view(scores.scores[info.name], scores.metric), skip_unused)
+        return topk(view, min(k, info.numel), largest=largest)
+
+    def signed(name: str, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The scores at ``idx`` with their sign (signed metrics), else the ranked ``values`` themselves."""
+        if not is_signed(scores.metric):
+            return values
+        s = scores.scores[name]
+        return s.reshape(-1)[idx.to(s.device)]
+
     if mode == "per_layer":
         names, flat, vals, ranks = [], [], [], []
         for info in infos:
-            values, idx = topk(_ranked(scores.scores[info.name], skip_unused), min(k, info.numel), largest=largest)
+            values, idx = ranked(info)
             if skip_unused:
                 used = torch.isfinite(values)
                 values, idx = values[used], idx[used]
             names += [info.name] * idx.numel()
             flat.append(idx.cpu().numpy())
-            vals.append(values.double().cpu().numpy())
+            vals.append(signed(info.name, idx, values).double().cpu().numpy())
             ranks.append(np.arange(idx.numel()))
         if not names:
             return dataclasses.replace(_empty(kind), meta=meta)
@@ -126,7 +139,7 @@ def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True,
     run_idx = torch.empty(0, dtype=torch.int64)
     run_val = torch.empty(0, dtype=torch.float32)
     for p, info in enumerate(infos):
-        values, idx = topk(_ranked(scores.scores[info.name], skip_unused), min(k, info.numel), largest=largest)
+        values, idx = ranked(info)
         which, merged_val, merged_idx = merge_topk(
             [(run_val, torch.arange(run_val.numel())), (values.cpu(), idx.cpu())],
             min(k, run_val.numel() + values.numel()), largest=largest)
@@ -140,6 +153,11 @@ def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True,
         used = torch.isfinite(run_val)
         run_pos, run_idx, run_val = run_pos[used], run_idx[used], run_val[used]
     names = [infos[p].name for p in run_pos.tolist()]
+    if is_signed(scores.metric):  # ranked by |S|: report the signed scores of the chosen weights
+        run_val = run_val.clone()
+        for p in run_pos.unique().tolist():
+            at = run_pos == p
+            run_val[at] = signed(infos[p].name, run_idx[at], run_val).cpu().float()
     meta["k"] = k
     return WeightSet(names, run_idx.numpy(), run_val.double().numpy(), np.arange(len(names)), kind, meta)
 

@@ -15,7 +15,8 @@ whose set equals an earlier trial's set of the same condition reuses that result
 evaluating again.
 
 Super sets: the top-k of ``--metric/--mode/--topk`` computed now, or read from ``--from-profile RUN_DIR``, or an
-explicit list (``--weights FILE`` with columns tensor,row,col[,expert] or tensor,flat_index). With
+explicit list (``--weights FILE`` with columns tensor,row,col[,expert] or tensor,flat_index; ``--weights known``:
+the published super weights of the model, from :mod:`esa.superweight_registry`). With
 ``--stability-check`` the super and bottom sets of seed s come from a seeded subset of the windows, and their
 pairwise Jaccard is reported. Control set j is stratified (by default) like the super set of seed
 ``seeds[j mod len(seeds)]``.
@@ -53,6 +54,7 @@ from esa.tensors import describe_parameters, select_tensors
 from esa.windows import stability_subset_size
 
 CONTROLS = ("random_k", "bottom_k")
+KNOWN = "known"  # --weights known: the published super weights of the model (esa.superweight_registry)
 TRIALS = "trials.jsonl"
 
 
@@ -164,7 +166,12 @@ def build_sets(config: PerturbConfig, session: Session, conditions: list[str]) -
     infos = ([t for t, _ in describe_parameters(model)] if config.random_stratified else
              [t for t, _ in select_tensors(model, sel.include, sel.exclude, biases=sel.include_biases,
                                            norms=sel.include_norms)])
-    if config.weights_file:
+    if config.weights_file == KNOWN:
+        from esa.superweight_registry import known_weight_set
+
+        explicit = known_weight_set(session.loaded.model_id, params)
+        tops, bottoms = {s: explicit for s in config.seeds}, {}
+    elif config.weights_file:
         explicit = read_explicit_weights(Path(config.weights_file), params)
         tops, bottoms = {s: explicit for s in config.seeds}, {}
     elif config.from_profile:

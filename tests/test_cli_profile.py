@@ -72,6 +72,8 @@ def test_grad_squared_on_embedded_model_writes_every_file(tmp_path):
     ("grad_squared", []),
     ("hutchinson_diag", ["--hutchinson-probes", "4"]),
     ("hessian_diag", ["--include", "*layers.1.mlp.down_proj*", "--hessian-budget", "4096"]),
+    ("taylor", []),
+    ("obd", ["--hutchinson-probes", "2", "--include", "*mlp.down_proj*"]),  # Hutchinson noise on lm_head outranks it
 ])
 def test_planted_super_weight_ranks_first_in_global_mode(planted, tmp_path, metric, extra):
     model_dir, info = planted
@@ -83,6 +85,37 @@ def test_planted_super_weight_ranks_first_in_global_mode(planted, tmp_path, metr
     assert first["rank"] == "0" and first["tensor"] == info["tensor"]
     assert (int(first["layer"]), int(first["row"]), int(first["col"])) == (info["layer"], info["row"], info["col"])
     assert first["component"] == "mlp.down" and int(first["flat_index"]) == info["flat_index"]
+
+
+def test_signed_metric_keeps_its_sign_in_csv_and_saved_scores_and_drives_perturb(planted, tmp_path):
+    """taylor: top-k by |S|, signed S in top_weights.csv and scores.safetensors; the planted weight's zeroing
+    raises the loss, so its estimate is positive; esa perturb selects with it as with any metric."""
+    from safetensors.torch import load_file
+
+    model_dir, info = planted
+    out = tmp_path / "taylor"
+    result = run("profile", "--model", model_dir, "--metric", "taylor", "--topk", "20", *FAST, "--save-scores",
+                 "--save-plots", "--out-dir", out)
+    assert result.exit_code == 0, result.output
+    top = rows(out / "top_weights.csv")
+    saved = load_file(out / "scores.safetensors")
+    assert any(float(r["score"]) < 0 for r in top) and any(float(r["score"]) > 0 for r in top)
+    for name in {r["tensor"] for r in top}:
+        mine = [float(r["score"]) for r in top if r["tensor"] == name]
+        assert [abs(x) for x in mine] == sorted((abs(x) for x in mine), reverse=True)
+        flat = saved[name].reshape(-1)
+        assert mine == [float(flat[int(r["flat_index"])]) for r in top if r["tensor"] == name]
+        assert float(flat.abs().max()) == pytest.approx(abs(mine[0]))
+    planted_row = next(r for r in top if r["tensor"] == info["tensor"] and r["rank"] == "0")
+    assert int(planted_row["flat_index"]) == info["flat_index"] and float(planted_row["score"]) > 0
+    manifest = json.loads((out / "experiment_manifest.json").read_text())
+    assert manifest["scoring"]["signed"] is True
+    assert (out / "plots" / "top_locations.png").stat().st_size > 0 and "Warning" not in result.output
+    result = run("perturb", "--model", model_dir, "--metric", "taylor", "--mode", "global", "--topk", "1", *FAST,
+                 "--seeds", "0", "--controls", "none", "--n-bootstrap", "200", "--out-dir", tmp_path / "p")
+    assert result.exit_code == 0, result.output
+    chosen = rows(tmp_path / "p" / "sets" / "super_seed0.csv")
+    assert [int(r["flat_index"]) for r in chosen] == [info["flat_index"]] and float(chosen[0]["score"]) > 0
 
 
 def test_compare_two_metrics(tmp_path):

@@ -265,3 +265,109 @@ def test_hutchinson_equals_its_formula_with_the_same_probes(setup):
                             seed=seed)
     for n, e, s in zip(names, expected, shapes):
         assert_scores_close(scores.scores[n], e.reshape(s), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- taylor and obd
+def mean_loss_gradient(model, windows, names):
+    """Reference: the gradient of the mean NLL over ALL windows, from one forward pass over all of them."""
+    params = dict(model.named_parameters())
+    for n in names:
+        params[n].requires_grad_(True)
+    gs = torch.autograd.grad(loss_of(model, windows), [params[n] for n in names])
+    for n in names:
+        params[n].requires_grad_(False)
+    return dict(zip(names, gs))
+
+
+def test_taylor_is_minus_mean_loss_gradient_times_weight_with_uneven_batches(setup):
+    """5 windows in batches of 2, 2, 1: taylor = −∇L̄ ⊙ w with L̄ the mean over all 5 windows (not the mean of
+    the three batch means), signed, against one float64 autograd pass over all windows."""
+    model, windows = setup
+    windows = windows[:5]
+    tensors = select_tensors(model)
+    names = [t.name for t, _ in tensors]
+    grad = mean_loss_gradient(model, windows, names)
+    params = dict(model.named_parameters())
+    scores = compute_scores(model, tensors, windows, "taylor", batch_size=BATCH)
+    assert scores.meta["signed"]
+    for n in names:
+        assert_scores_close(scores.scores[n], -grad[n] * params[n])
+    both_signs = torch.cat([scores.scores[n].reshape(-1) for n in names])
+    assert (both_signs > 0).any() and (both_signs < 0).any()
+    # The batch means weighted equally would differ: the test can tell the two weightings apart.
+    per_batch = per_batch_grads(model, windows, names[:1])
+    equal_weights = -sum(g[names[0]] for g in per_batch) / 3 * params[names[0]]
+    assert not torch.allclose(scores.scores[names[0]].double(), equal_weights, rtol=1e-3, atol=0)
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+
+def test_taylor_predicts_small_ablations_to_first_order(setup):
+    """Zeroing one small weight changes the mean loss by ≈ taylor (exact loss changes, float64)."""
+    model, windows = setup
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors = select_tensors(model, include=[name])
+    scores = compute_scores(model, tensors, windows, "taylor", batch_size=BATCH).scores[name].reshape(-1)
+    w = dict(model.named_parameters())[name]
+    with torch.no_grad():
+        base = loss_of(model, windows).item()
+        for i in scores.abs().argsort(descending=True)[:5].tolist():
+            old = w.view(-1)[i].item()
+            w.view(-1)[i] = 0.0
+            delta = loss_of(model, windows).item() - base
+            w.view(-1)[i] = old
+            assert delta == pytest.approx(scores[i].item(), rel=0.05, abs=1e-7)
+
+
+def test_obd_equals_its_formula_with_the_same_probes(setup):
+    """obd = −Ḡ⊙w + ½ Ĥ_ii w², Ĥ = Σ_b (n_b/N)(1/m) Σ_i z ⊙ H_b z with esa's probes; two tensors, uneven batches,
+    Hessians from torch.func.hessian in float64."""
+    from torch.func import functional_call, hessian
+
+    from esa.scoring import rademacher_like
+
+    model, windows = setup
+    windows = windows[:5]
+    names = ["model.layers.1.self_attn.k_proj.weight", "model.layers.0.mlp.down_proj.weight"]
+    tensors = select_tensors(model, include=names)
+    names = [t.name for t, _ in tensors]
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    w0 = torch.cat([params[n].detach().reshape(-1) for n in names])
+    probes, seed = 2, 3
+
+    def loss_at(vec, batch):
+        parts = {n: v.reshape(s) for n, v, s in zip(names, vec.split(sizes), shapes)}
+        return functional_call(model, parts, kwargs={"input_ids": batch, "labels": batch}).loss
+
+    hdiag = torch.zeros_like(w0)
+    bs = batches(windows)
+    for b, batch in enumerate(bs):
+        h = hessian(lambda v: loss_at(v, batch))(w0)
+        for i in range(probes):
+            z = torch.cat([rademacher_like(params[n], seed, n, b, i).reshape(-1) for n in names])
+            hdiag += batch.shape[0] / windows.shape[0] * z * (h @ z) / probes
+    grad = mean_loss_gradient(model, windows, names)
+    g = torch.cat([grad[n].reshape(-1) for n in names])
+    expected = (-g * w0 + 0.5 * hdiag * w0 * w0).split(sizes)
+    scores = compute_scores(model, tensors, windows, "obd", batch_size=BATCH, hutchinson_probes=probes, seed=seed)
+    assert scores.meta["probes"] == probes and scores.meta["signed"]
+    for n, e, s in zip(names, expected, shapes):
+        assert_scores_close(scores.scores[n], e.reshape(s), rtol=1e-5)
+
+
+def test_signed_metrics_are_selected_by_absolute_value_and_keep_their_sign():
+    from esa.scoring import ScoreSet
+    from esa.selection import select_extreme
+    from esa.tensors import TensorInfo
+
+    a = TensorInfo("a.weight", (2, 3), 0, "mlp.down", "weight")
+    b = TensorInfo("b.weight", (4,), 1, "mlp.down", "weight")
+    s = ScoreSet("taylor", [a, b], {"a.weight": torch.tensor([[0.1, -5.0, 0.2], [3.0, -0.01, 0.0]]),
+                                    "b.weight": torch.tensor([-4.0, 1.0, 0.5, -0.3])}, 1)
+    top = select_extreme(s, 3, "global")
+    assert list(zip(top.tensor, top.flat_index.tolist(), top.score.tolist())) == [
+        ("a.weight", 1, -5.0), ("b.weight", 0, -4.0), ("a.weight", 3, 3.0)]
+    per = select_extreme(s, 1, "per_layer", largest=False)
+    assert per.score.tolist() == [0.0, pytest.approx(-0.3)]
+    assert select_extreme(ScoreSet("grad_x_weight", s.tensors, s.scores, 1), 1, "global").score.tolist() == [3.0]

@@ -256,6 +256,10 @@ def make_figures(col: Collection, comparison: dict | None, fig_dir: Path) -> lis
         plots.plot_matrix(comparison["overlap_at_k"], comparison["labels"], "Top-k overlap@k between profile runs",
                           fig_dir / "overlap_matrix")
         figures.append(("Cross-metric overlap@k matrix", fig_dir / "overlap_matrix.png"))
+    if col.of("validate"):
+        from esa.report.validate_section import validate_figures
+
+        figures += validate_figures(col.of("validate"), fig_dir)
     for r in col.of("perturb"):
         key = r.key
         plots.plot_delta_ppl(r.data, fig_dir / f"delta_ppl_{key}")
@@ -287,6 +291,10 @@ def _sections(col: Collection, comparison: dict | None, criteria: list[cl.Criter
         sections.append(("Agreement across metrics and seeds", agreement))
     if col.of("perturb"):
         sections.append(("Perturbations", [perturb_table(col.of("perturb")), tests_table(col.of("perturb"))]))
+    if col.of("validate"):
+        from esa.report.validate_section import TITLE, validate_table
+
+        sections.append((TITLE, [validate_table(r) for r in col.of("validate")]))
     sections.append(("Environment", [environment_table(col)]))
     return sections
 

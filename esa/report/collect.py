@@ -14,7 +14,7 @@ from pathlib import Path
 from esa.errors import EsaError
 from esa.runio import MANIFEST, is_finished, read_json
 
-KINDS = ("baseline", "profile", "perturb")
+KINDS = ("baseline", "profile", "perturb", "validate")
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Run:
     label: str
     config: dict
     manifest: dict
-    data: dict = field(default_factory=dict)  # metrics.json (baseline, profile) or results.json (perturb)
+    data: dict = field(default_factory=dict)  # metrics.json (baseline, profile), results.json (perturb), validate.json
     stability: dict | None = None  # stability.json of a profile run
     key: str = ""  # unique, file- and LaTeX-label-safe form of the label
 
@@ -43,6 +43,8 @@ class Collection:
 
 
 def kind_of(run_dir: Path) -> str | None:
+    if (run_dir / "validate.json").exists() or (run_dir / "ablations.jsonl").exists():
+        return "validate"
     if (run_dir / "results.json").exists() or (run_dir / "trials.jsonl").exists():
         return "perturb"
     if (run_dir / "top_weights.csv").exists():
@@ -57,7 +59,7 @@ def read_run(run_dir: Path, label: str) -> Run:
     if kind is None:
         raise EsaError(f"{run_dir} holds no baseline, profile or perturb results")
     run = Run(kind, run_dir, label, read_json(run_dir / "config.json"), read_json(run_dir / MANIFEST))
-    run.data = read_json(run_dir / ("results.json" if kind == "perturb" else "metrics.json"))
+    run.data = read_json(run_dir / {"perturb": "results.json", "validate": "validate.json"}.get(kind, "metrics.json"))
     if kind == "profile" and (run_dir / "stability.json").exists():
         run.stability = read_json(run_dir / "stability.json")
     return run
