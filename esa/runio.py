@@ -135,12 +135,25 @@ def read_json(path: Path) -> Any:
         raise EsaError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a torn last line (no final newline: a run killed mid-append) so the next append starts a clean line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        data = f.seek(0) or f.read()
+        f.truncate(data.rfind(b"\n") + 1)
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one JSON line and fsync, so a finished trial survives a crash of the next one.
 
     A crash during the write can leave a torn last line; :func:`read_jsonl` drops it.
     """
     line = json.dumps(_json_safe(record), allow_nan=False) + "\n"
+    _drop_torn_tail(Path(path))
     size = Path(path).stat().st_size if Path(path).exists() else 0
     try:
         with open(path, "a", encoding="utf-8") as f:

@@ -169,3 +169,16 @@ def test_ctrl_c_during_profile_leaves_it_clearly_unfinished(model_dir, tmp_path,
                                 "3", "--out-dir", str(out)])
     assert again.exit_code == 0 and is_finished(out)
     assert fingerprint == model_fingerprint(model)
+
+
+def test_append_after_a_torn_line_starts_a_clean_line(tmp_path):
+    """A run killed in the middle of an append leaves a line without its newline; the next append (a resume)
+    must not glue its record onto it."""
+    from esa.runio import append_jsonl, read_jsonl
+
+    path = tmp_path / "trials.jsonl"
+    append_jsonl(path, {"trial_id": "a"})
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"trial_id": "b", "window_nl')  # torn by a kill
+    append_jsonl(path, {"trial_id": "c"})
+    assert [r["trial_id"] for r in read_jsonl(path)] == ["a", "c"]
