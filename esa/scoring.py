@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 import torch
 
 from esa.errors import EsaError
+from esa.evaluate import mean_loss
 from esa.kernels import accumulate_
 from esa.modeling import set_attention
 from esa.progress import progress_bar
@@ -108,8 +109,8 @@ def fold_gradients(params: dict[str, torch.nn.Parameter], fold: Callable[[str, t
 
 
 def batch_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL over the batch (the same definition as :mod:`esa.evaluate`)."""
-    return model(input_ids=batch, labels=batch, use_cache=False).loss
+    """Mean next-token NLL over the batch (the same definition as :mod:`esa.evaluate`, chunked through the head)."""
+    return mean_loss(model, batch)
 
 
 def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
