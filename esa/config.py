@@ -49,6 +49,7 @@ class SelectionConfig:
     include_norms: bool = False
     hutchinson_probes: int = 8
     hessian_budget: int = 4096  # most weights hessian_diag may score (one HVP per weight)
+    score_groups: int | None = None  # passes over the windows, one per group of tensors; None = from the plan
 
 
 @dataclass

@@ -200,6 +200,8 @@ def compute_scores(
         return ScoreSet(metric, infos, scores, 0, meta)
     if metric == "act_mag":
         meta = _act_mag(model, tensors, scores, batches, device)
+        if not scores and group is None:  # a score group may hold only tensors act_mag skips
+            raise EsaError("act_mag scores Linear and Embedding weights only, and none is selected")
         return ScoreSet(metric, [i for i in infos if i.name in scores], scores, len(batches), meta)
 
     was_training = model.training
@@ -322,6 +324,4 @@ def _act_mag(model, tensors, scores, batches, device) -> dict:
             accumulate_("abs_scaled", scores[info.name], p.detach(), row_scale=norm)
         else:
             accumulate_("abs_scaled", scores[info.name], p.detach(), col_scale=norm)
-    if not scores:
-        raise EsaError("act_mag scores Linear and Embedding weights only, and none is selected")
     return {"skipped": skipped} if skipped else {}

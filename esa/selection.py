@@ -60,34 +60,63 @@ class WeightSet:
         return set(zip(self.tensor, self.flat_index.tolist()))
 
 
-def _check_scores(scores: ScoreSet) -> None:
-    for name, s in scores.scores.items():
-        if not bool(torch.isfinite(s).all()):
-            raise EsaError(f"scores of {name} contain NaN or inf: the loss or the weights are broken "
-                           "(check the baseline, or try --dtype float32)")
+@dataclass
+class Candidates:
+    """The exact best ``len(values)`` scores of one tensor in the total order above (CPU tensors): values float32,
+    flat indices int64. A prefix of the best m is the best m' < m, so one selection serves several k."""
+
+    values: torch.Tensor
+    index: torch.Tensor
+
+    def head(self, k: int) -> "Candidates":
+        return Candidates(self.values[:k], self.index[:k])
+
+
+def tensor_candidates(name: str, score: torch.Tensor, k: int, *, largest: bool = True) -> Candidates:
+    """The best ``min(k, numel)`` of one score buffer; NaN or inf scores are refused."""
+    if not bool(torch.isfinite(score).all()):
+        raise EsaError(f"scores of {name} contain NaN or inf: the loss or the weights are broken "
+                       "(check the baseline, or try --dtype float32)")
+    values, idx = topk(score, min(k, score.numel()), largest=largest)
+    return Candidates(values.cpu(), idx.cpu())
 
 
 def _empty(kind: str) -> WeightSet:
     return WeightSet([], np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), kind)
 
 
-def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True) -> WeightSet:
-    """Top-k (``largest``) or bottom-k of ``scores`` in ``per_layer`` or ``global`` mode; exact, ties as above."""
+def _check_args(k: int, mode: str) -> None:
     if mode not in MODES:
         raise EsaError(f"unknown --mode {mode!r}; use per_layer or global")
     if k < 1:
         raise EsaError(f"--topk must be at least 1 (got {k})")
-    _check_scores(scores)
-    kind = "top_k" if largest else "bottom_k"
+
+
+def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True) -> WeightSet:
+    """Top-k (``largest``) or bottom-k of ``scores`` in ``per_layer`` or ``global`` mode; exact, ties as above."""
+    _check_args(k, mode)
     infos = [t for t in scores.tensors if t.name in scores.scores]
+    candidates = {t.name: tensor_candidates(t.name, scores.scores[t.name], k, largest=largest) for t in infos}
+    return merge_candidates(infos, candidates, k, mode, largest=largest)
+
+
+def merge_candidates(infos: list[TensorInfo], candidates: dict[str, Candidates], k: int, mode: str, *,
+                     largest: bool = True) -> WeightSet:
+    """The selection from per-tensor candidates (each the best min(k', numel) with k' ≥ k), ``infos`` in model order.
+
+    Exact whatever the tensors were scored together or in groups: only each tensor's own best k enter.
+    """
+    _check_args(k, mode)
+    kind = "top_k" if largest else "bottom_k"
+    cands = {t.name: candidates[t.name].head(min(k, t.numel)) for t in infos}
     if mode == "per_layer":
         names, flat, vals, ranks = [], [], [], []
         for info in infos:
-            values, idx = topk(scores.scores[info.name], min(k, info.numel), largest=largest)
-            names += [info.name] * idx.numel()
-            flat.append(idx.cpu().numpy())
-            vals.append(values.double().cpu().numpy())
-            ranks.append(np.arange(idx.numel()))
+            c = cands[info.name]
+            names += [info.name] * c.index.numel()
+            flat.append(c.index.numpy())
+            vals.append(c.values.double().numpy())
+            ranks.append(np.arange(c.index.numel()))
         if not names:
             return _empty(kind)
         return WeightSet(names, np.concatenate(flat), np.concatenate(vals), np.concatenate(ranks), kind,
@@ -102,9 +131,9 @@ def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True)
     run_idx = torch.empty(0, dtype=torch.int64)
     run_val = torch.empty(0, dtype=torch.float32)
     for p, info in enumerate(infos):
-        values, idx = topk(scores.scores[info.name], min(k, info.numel), largest=largest)
+        values, idx = cands[info.name].values, cands[info.name].index
         which, merged_val, merged_idx = merge_topk(
-            [(run_val, torch.arange(run_val.numel())), (values.cpu(), idx.cpu())],
+            [(run_val, torch.arange(run_val.numel())), (values, idx)],
             min(k, run_val.numel() + values.numel()), largest=largest)
         from_run = which == 0
         new_pos = torch.full_like(merged_idx, p)
