@@ -20,7 +20,8 @@ nh = attention heads, V = vocabulary, n = layers):
   temporaries, (4 H + 4 I) s per token plus the eager attention scores.
 - logits: the loss runs through the head in chunks of :func:`esa.evaluate.chunk_tokens_for` tokens; a chunk
   holds its logits in the model dtype, their float32 copy and the float32 gradient (s + 8 bytes per logit).
-- workspace: a fixed 1 GiB for library workspaces, allocator slack and the selection/statistics temporaries.
+- workspace: a fixed 1 GiB on CUDA for library workspaces, allocator slack and the selection/statistics
+  temporaries; on CPU, where the measured peak is the process's RSS, 512 MiB for the interpreter and libraries.
 
 Time model: FLOPs per token of a forward pass ≈ 2 × active parameters + 2 n L H (causal attention), a
 forward+backward three times that. Relative to a plain forward+backward (measured on CPU, DESIGN §9):
@@ -38,7 +39,7 @@ from esa.errors import EsaError
 from esa.tensors import TensorInfo
 
 GiB = 1 << 30
-WORKSPACE = GiB
+WORKSPACE = {"cuda": GiB, "cpu": GiB // 2}
 HEADROOM = 0.95  # plan to this share of the device, leaving room for the CUDA context and fragmentation
 MAX_BATCH = 64
 GPU_FLOPS = 4.0e14
@@ -170,7 +171,7 @@ def evaluate_parts(shape: ModelShape, w: Workload, batch: int) -> dict[str, int]
     tokens = batch * w.seq_len
     return {"weights": shape.n_params * w.dtype_bytes, "score_buffers": 0, "gradients": 0, "probes": 0,
             "activations": int(tokens * activation_bytes_per_token(shape, w, backward=False)),
-            "logits": logits_bytes(shape, w, tokens), "workspace": WORKSPACE}
+            "logits": logits_bytes(shape, w, tokens), "workspace": WORKSPACE["cuda" if w.device == "cuda" else "cpu"]}
 
 
 def score_parts(shape: ModelShape, w: Workload, batch: int, groups: int) -> dict[str, int]:
@@ -349,3 +350,49 @@ def plan_command(model_cfg, sel, *, command: str = "run", seq_len: int | None = 
         stability_check=stability_check, stability_fraction=stability_fraction, device=device)
     shape = shape_of(model, scored)
     return plan(shape, workload, device_memory), shape, workload
+
+
+def plan_loaded(model, scored: list[TensorInfo], *, command: str, metric: str, seq_len: int, n_windows: int,
+                batch_size: int, score_groups: int | None, hutchinson_probes: int, device: str,
+                device_memory: int = 1 << 62) -> Plan:
+    """The plan of a loaded model (by default with no device limit)."""
+    p = next(iter(model.parameters()))
+    attention = "eager" if metric in ("hutchinson_diag", "hessian_diag") else "sdpa"
+    w = Workload(command=command, metric=metric, seq_len=seq_len, n_windows=n_windows, batch_size=batch_size,
+                 score_groups=score_groups, dtype_bytes=p.element_size(), attention=attention,
+                 hutchinson_probes=hutchinson_probes, device="cuda" if device.startswith("cuda") else "cpu")
+    return plan(shape_of(model, scored), w, device_memory)
+
+
+def predicted_peak(model, scored: list[TensorInfo], **workload) -> int:
+    """The plan's peak for a loaded model: what a run's manifest records next to the measured peak."""
+    return plan_loaded(model, scored, **workload).peak_bytes
+
+
+def planned_groups(model, scored: list[TensorInfo], **workload) -> int:
+    """Score groups from the plan on CUDA (the fewest that fit the device); one elsewhere."""
+    import torch
+
+    device = workload["device"]
+    if not device.startswith("cuda"):
+        return 1
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return plan_loaded(model, scored, score_groups=None, device_memory=total, **workload).score_groups
+
+
+def refuse_if_it_cannot_fit(model_cfg, sel, data, *, command: str) -> None:
+    """On CUDA, before any weight is loaded: refuse a batch size (and score groups) the plan says cannot fit the
+    device, with the plan's numbers. Elsewhere nothing is checked (CPU memory is the host's)."""
+    import torch
+
+    from esa.modeling import resolve_device
+
+    device = resolve_device(model_cfg.device)
+    if device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    p, _, _ = plan_command(model_cfg, sel, command=command, seq_len=data.seq_len, max_samples=data.max_samples,
+                           batch_size=data.batch_size, device_memory=total)
+    if not p.fits:
+        raise EsaError(f"--batch-size {data.batch_size} cannot fit this GPU by the plan: {p.reason} "
+                       f"(see `esa plan`)")

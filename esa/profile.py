@@ -27,6 +27,7 @@ from esa.baseline import begin_run
 from esa.config import ProfileConfig, SelectionConfig, to_dict
 from esa.errors import EsaError
 from esa.manifest import Timer, build_manifest
+from esa.plan import planned_groups, predicted_peak, refuse_if_it_cannot_fit
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, prepare_run_dir, read_csv_rows
 from esa.scorefile import ScoreFile
 from esa.scoring import ScoreSet, check_metric, compute_scores, needs_data, needs_double_backward
@@ -100,16 +101,19 @@ class Reduced:
 
 
 def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int) -> dict[str, Reduced]:
-    """Per scored tensor: its top-k and bottom-k candidates and, with ``summarize``, its tail-statistics summary."""
+    """Per scored tensor: its top-k and bottom-k candidates and, with ``summarize``, its tail-statistics summary.
+
+    Two selections per buffer: the largest max(k, tail) scores serve both the top-k and the tail statistics.
+    """
     out = {}
     tail = max(k, MIN_TAIL_VALUES)
     for t in scores.tensors:
         if t.name not in scores.scores:
             continue
         s = scores.scores[t.name]
-        out[t.name] = Reduced(tensor_candidates(t.name, s, k, largest=True),
-                              tensor_candidates(t.name, s, k, largest=False),
-                              tailstats.summarize(s, tail, seed=seed) if summarize else None)
+        top = tensor_candidates(t.name, s, tail if summarize else k, largest=True)
+        out[t.name] = Reduced(top, tensor_candidates(t.name, s, k, largest=False),
+                              tailstats.summarize(s, tail, seed=seed, top=top.values) if summarize else None)
     return out
 
 
@@ -122,6 +126,10 @@ def score_and_select(session: Session, sel: SelectionConfig, windows: torch.Tens
     Returns the selection and a description of the scoring (metric, batches, groups, the metric's notes).
     """
     tensors = scored_tensors(session.loaded.model, sel)
+    if groups is None and sel.score_groups is None:
+        groups = planned_groups(session.loaded.model, [t for t, _ in tensors], command="profile", metric=sel.metric,
+                                seq_len=windows.shape[1], n_windows=windows.shape[0], batch_size=batch_size,
+                                hutchinson_probes=sel.hutchinson_probes, device=str(session.loaded.device))
     split = split_groups([t for t, _ in tensors], groups or score_groups(sel))
     reduced: dict[str, Reduced] = {}
     described: dict = {"metric": sel.metric, "score_groups": len(split), "meta": {}}
@@ -343,6 +351,8 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
     validate_profile(config)
     timer = Timer()
+    if session is None:
+        refuse_if_it_cannot_fit(config.model, config.selection, config.data, command="profile")
     with timer.phase("load"):
         session = session or open_for_selection(config.model, config.data, config.selection)
     model = session.loaded.model
@@ -412,7 +422,11 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
             profile_plots(out_dir / "plots", selection, loc_rows, curves, metric=sel.metric)
     extra = {**session.describe(), "scoring": {"metric": sel.metric, "score_groups": scoring["score_groups"],
                                                "tensors": [t.name for t in selection.tensors]}}
-    atomic_write_json(out_dir / MANIFEST, build_manifest(command, timer=timer, extra=extra))
+    planned = predicted_peak(model, list(selection.tensors), command="profile", metric=sel.metric,
+                             seq_len=session.windows.input_ids.shape[1], n_windows=session.windows.n,
+                             batch_size=config.data.batch_size, score_groups=scoring["score_groups"],
+                             hutchinson_probes=sel.hutchinson_probes, device=str(session.loaded.device))
+    atomic_write_json(out_dir / MANIFEST, build_manifest(command, timer=timer, extra=extra, planned_peak_bytes=planned))
     return {"out_dir": out_dir, "metrics": metrics, "stability": stab, "session": session, "selection": selection}
 
 
@@ -427,7 +441,7 @@ def _first(ws: WeightSet, tensors: list[TensorInfo]) -> dict | None:
 
 
 def score_groups(sel: SelectionConfig) -> int:
-    """The number of score groups: ``--score-groups`` when given, else one."""
+    """The number of score groups forced by ``--score-groups``, else one (the plan decides on CUDA)."""
     return sel.score_groups or 1
 
 

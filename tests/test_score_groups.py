@@ -1,6 +1,7 @@
 """Score groups give byte-identical results to one pass; split_groups; scores.safetensors streamed tensor by tensor."""
 
 import filecmp
+import json
 
 import pytest
 import torch
@@ -44,8 +45,9 @@ def _profile_runs(tmp_path, model_cfg, data, metric, mode, session, stability=Fa
             seeds=[0, 1], stability_check=stability, save_scores=True)
         run = run_profile(config, session=session)
         session = run["session"]
-        manifest = (tmp_path / f"{metric}-{mode}-{groups}" / "experiment_manifest.json").read_text()
-        assert f'"score_groups": {groups}' in manifest
+        manifest = json.loads((tmp_path / f"{metric}-{mode}-{groups}" / "experiment_manifest.json").read_text())
+        assert manifest["scoring"]["score_groups"] == groups
+        assert manifest["memory"]["measured_peak_bytes"] > 0 and manifest["memory"]["planned_peak_bytes"] > 0
         outs.append(tmp_path / f"{metric}-{mode}-{groups}")
     return outs, session
 
