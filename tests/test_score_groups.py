@@ -57,29 +57,41 @@ def _assert_identical(a, b, names):
         assert filecmp.cmp(a / name, b / name, shallow=False), (a.name, name)
 
 
-def _check_model(tmp_path, model_cfg, data):
-    session = None
-    for metric in METRICS:
-        for mode in ("per_layer", "global"):
-            stability = metric == "grad_x_weight" and mode == "global"
-            (one, three), session = _profile_runs(tmp_path, model_cfg, data, metric, mode, session, stability)
-            names = COMPARED + ("scores.safetensors",)
-            if stability:
-                names += ("stability.json", "stability/top_weights_seed0.csv", "stability/top_weights_seed1.csv",
-                          "stability/bottom_weights_seed1.csv")
-            _assert_identical(one, three, names)
+def _check_metric(tmp_path, model_cfg, data, metric, session=None):
+    for mode in ("per_layer", "global"):
+        stability = metric == "grad_x_weight" and mode == "global"
+        (one, three), session = _profile_runs(tmp_path, model_cfg, data, metric, mode, session, stability)
+        names = COMPARED + ("scores.safetensors",)
+        if stability:
+            names += ("stability.json", "stability/top_weights_seed0.csv", "stability/top_weights_seed1.csv",
+                      "stability/bottom_weights_seed1.csv")
+        _assert_identical(one, three, names)
+    return session
 
 
-def test_one_and_three_score_groups_give_identical_files_on_the_embedded_model(tmp_path):
-    _check_model(tmp_path, ModelConfig(), DataConfig(seq_len=24, max_samples=4, batch_size=2))
+@pytest.fixture(scope="module")
+def embedded_session():
+    from esa.session import open_session
+
+    data = DataConfig(seq_len=24, max_samples=4, batch_size=2)
+    return ModelConfig(attn_implementation="eager"), data, open_session(ModelConfig(attn_implementation="eager"), data)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_one_and_three_score_groups_give_identical_files_on_the_embedded_model(tmp_path, embedded_session, metric):
+    model_cfg, data, session = embedded_session
+    _check_metric(tmp_path, model_cfg, data, metric, session)
 
 
 @pytest.mark.slow
 def test_one_and_three_score_groups_give_identical_files_on_stories260k(tmp_path):
     if not (STORIES260K / "model.safetensors").exists() or not TINYSTORIES_VAL.exists():
         pytest.skip("../shared/models/stories260K or the TinyStories slice is absent")
-    _check_model(tmp_path, ModelConfig(model=str(STORIES260K)),
-                 DataConfig(text_file=str(TINYSTORIES_VAL), seq_len=32, max_samples=4, batch_size=2))
+    model_cfg = ModelConfig(model=str(STORIES260K), attn_implementation="eager")
+    data = DataConfig(text_file=str(TINYSTORIES_VAL), seq_len=32, max_samples=4, batch_size=2)
+    session = None
+    for metric in METRICS:
+        session = _check_metric(tmp_path, model_cfg, data, metric, session)
 
 
 # ----------------------------------------------------------------------------------------------- scores.safetensors
