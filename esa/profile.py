@@ -11,6 +11,11 @@ Files in the run directory:
 - ``stability.json`` and ``stability/top_weights_seed<S>.csv`` with ``--stability-check``;
 - ``scores.safetensors`` with ``--save-scores`` (float32, one entry per tensor: 4 bytes per weight);
 - ``plots/`` with ``--save-plots``; ``config.json``; ``experiment_manifest.json`` (last).
+
+Score groups: the scored tensors are split into contiguous groups (``--score-groups``, or the plan's choice on
+CUDA), each scored in its own pass over the same windows; of each buffer only its top and bottom candidates and
+its tail summary are kept before the next group starts. Selections are merged from those candidates in model
+order, so every file is byte-identical to a single-group run.
 """
 
 from __future__ import annotations
