@@ -124,3 +124,25 @@ def test_plan_refuses_without_device_memory_on_a_cpu_machine():
 def test_plan_of_the_embedded_model_fits_a_small_device():
     code, p = _plan_json(["--device-memory", "4GB", "--metric", "hutchinson_diag", "--max-samples", "8"])
     assert code == 0 and p["fits"] and p["time_s"] > 0
+
+
+@needs_configs
+def test_a_batch_size_that_cannot_fit_the_gpu_is_refused_before_loading(monkeypatch):
+    """On CUDA (faked: this test needs no GPU) the plan refuses before any weight is read, with its numbers."""
+    import types
+
+    import torch
+
+    import esa.modeling
+    from esa.config import DataConfig, ModelConfig, SelectionConfig
+    from esa.plan import refuse_if_it_cannot_fit
+
+    monkeypatch.setattr(esa.modeling, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        total_memory=80 * 10**9))
+    model_cfg = ModelConfig(model=str(LLAMA), dtype="bfloat16", device="cuda")
+    refuse_if_it_cannot_fit(model_cfg, SelectionConfig(), DataConfig(seq_len=2048, batch_size=1, max_samples=8),
+                            command="profile")  # fits: nothing raised
+    with pytest.raises(EsaError, match=r"--batch-size 8 cannot fit this GPU by the plan: phase score needs .* GiB"):
+        refuse_if_it_cannot_fit(model_cfg, SelectionConfig(), DataConfig(seq_len=2048, batch_size=8, max_samples=8),
+                                command="profile")
