@@ -77,7 +77,10 @@ def embedded_session():
     return ModelConfig(attn_implementation="eager"), data, open_session(ModelConfig(attn_implementation="eager"), data)
 
 
-@pytest.mark.parametrize("metric", METRICS)
+# hessian_diag makes one Hessian-vector product per weight (384 here, per batch and run): slow on a shared CPU; its
+# group equivalence is also checked bit for bit at the scoring level (test_scoring.py).
+@pytest.mark.parametrize("metric", [pytest.param(m, marks=pytest.mark.slow) if m == "hessian_diag" else m
+                                    for m in METRICS])
 def test_one_and_three_score_groups_give_identical_files_on_the_embedded_model(tmp_path, embedded_session, metric):
     model_cfg, data, session = embedded_session
     _check_metric(tmp_path, model_cfg, data, metric, session)
