@@ -364,9 +364,13 @@ def plan_loaded(model, scored: list[TensorInfo], *, command: str, metric: str, s
     return plan(shape_of(model, scored), w, device_memory)
 
 
-def predicted_peak(model, scored: list[TensorInfo], **workload) -> int:
-    """The plan's peak for a loaded model: what a run's manifest records next to the measured peak."""
-    return plan_loaded(model, scored, **workload).peak_bytes
+def predicted_peak(model, scored: list[TensorInfo], **workload) -> int | None:
+    """The plan's peak for a loaded model: what a run's manifest records next to the measured peak (None where the
+    architecture's config lacks what the model needs)."""
+    try:
+        return plan_loaded(model, scored, **workload).peak_bytes
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def planned_groups(model, scored: list[TensorInfo], **workload) -> int:
@@ -377,7 +381,10 @@ def planned_groups(model, scored: list[TensorInfo], **workload) -> int:
     if not device.startswith("cuda"):
         return 1
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    return plan_loaded(model, scored, score_groups=None, device_memory=total, **workload).score_groups
+    try:
+        return plan_loaded(model, scored, score_groups=None, device_memory=total, **workload).score_groups
+    except (AttributeError, TypeError, ValueError):  # a config the model cannot read: one group, as before
+        return 1
 
 
 def refuse_if_it_cannot_fit(model_cfg, sel, data, *, command: str) -> None:
@@ -391,8 +398,11 @@ def refuse_if_it_cannot_fit(model_cfg, sel, data, *, command: str) -> None:
     if device.type != "cuda":
         return
     total = torch.cuda.get_device_properties(device).total_memory
-    p, _, _ = plan_command(model_cfg, sel, command=command, seq_len=data.seq_len, max_samples=data.max_samples,
-                           batch_size=data.batch_size, device_memory=total)
+    try:
+        p, _, _ = plan_command(model_cfg, sel, command=command, seq_len=data.seq_len, max_samples=data.max_samples,
+                               batch_size=data.batch_size, device_memory=total)
+    except (AttributeError, TypeError, ValueError):  # a config the model cannot read: no refusal on a guess
+        return
     if not p.fits:
         raise EsaError(f"--batch-size {data.batch_size} cannot fit this GPU by the plan: {p.reason} "
                        f"(see `esa plan`)")
