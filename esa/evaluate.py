@@ -128,9 +128,12 @@ def window_nll(model: torch.nn.Module, batch: torch.Tensor, *, with_correct: boo
     sums = torch.zeros(n_windows, dtype=torch.float64, device=batch.device)
     hidden = base(input_ids=batch, use_cache=False)[0][:, :-1].reshape(-1, head.in_features)
     step = chunk_tokens or chunk_tokens_for(head.out_features)
+    # With several chunks, each is recomputed in backward so that no chunk's logits wait for it; a single chunk is
+    # within the budget anyway, and recomputing it would only cost time.
+    recompute = torch.is_grad_enabled() and targets.numel() > step
     for s in range(0, targets.numel(), step):
         h, t = hidden[s : s + step], targets[s : s + step]
-        if torch.is_grad_enabled():  # recomputed in backward: no chunk's logits are kept for the whole batch
+        if recompute:
             token_nll = checkpoint(_chunk_nll, head, h, t, use_reentrant=False)
         else:
             logits = _float_logits(head(h))
