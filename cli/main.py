@@ -146,6 +146,7 @@ def profile(
     hutchinson_probes: o.HutchinsonProbes = 8,
     hessian_budget: o.HessianBudget = 4096,
     bottom_k_include_unused: o.BottomKIncludeUnused = False,
+    score_groups: o.ScoreGroups = None,
     seeds: o.Seeds = "0,1,2",
     stability_check: o.StabilityCheck = False,
     stability_fraction: o.StabilityFraction = 0.5,
@@ -163,7 +164,8 @@ def profile(
         model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation),
         data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
         selection=o.selection_config(metric, mode, topk, include, exclude, include_biases, include_norms,
-                                     hutchinson_probes, hessian_budget, bottom_k_include_unused),
+                                     hutchinson_probes, hessian_budget, bottom_k_include_unused,
+                                     score_groups),
         seeds=o.parse_seeds(seeds), stability_check=stability_check, stability_fraction=stability_fraction,
         save_scores=save_scores, save_plots=save_plots, out_dir=str(out_dir), overwrite=overwrite,
     )
@@ -279,6 +281,7 @@ def perturb(
     hutchinson_probes: o.HutchinsonProbes = 8,
     hessian_budget: o.HessianBudget = 4096,
     bottom_k_include_unused: o.BottomKIncludeUnused = False,
+    score_groups: o.ScoreGroups = None,
     perturb: o.Perturb = "zero",
     perturb_scale: o.PerturbScale = 1.0,
     perturb_prob: o.PerturbProb = 1.0,
@@ -307,7 +310,8 @@ def perturb(
         model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation),
         data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
         selection=o.selection_config(metric, mode, topk, include, exclude, include_biases, include_norms,
-                                     hutchinson_probes, hessian_budget, bottom_k_include_unused),
+                                     hutchinson_probes, hessian_budget, bottom_k_include_unused,
+                                     score_groups),
         perturb=perturb, perturb_scale=perturb_scale, perturb_prob=perturb_prob, bits=bits,
         controls=o.parse_controls(controls), seeds=o.parse_seeds(seeds),
         from_profile=str(from_profile) if from_profile else None, weights_file=str(weights) if weights else None,
@@ -589,6 +593,72 @@ app.command(name="run")(run)
 # The runbook's own entry point (phase1_runner_enhanced.py): the same command, as a program of its own.
 runbook_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 runbook_app.command()(run)
+
+
+@app.command()
+@user_errors
+def plan(
+    model: o.Model = None,
+    dtype: o.Dtype = "auto",
+    revision: o.Revision = None,
+    trust_remote_code: o.TrustRemoteCode = False,
+    command: Annotated[str, typer.Option(help="the command to plan: baseline | profile | perturb | run")] = "run",
+    seq_len: o.SeqLen = None,
+    max_samples: o.MaxSamples = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="windows per forward pass [default: the largest that "
+                                                      "fits]", rich_help_panel="Data")] = None,
+    metric: o.Metric = "grad_x_weight",
+    include: o.Include = None,
+    exclude: o.Exclude = None,
+    include_biases: o.IncludeBiases = False,
+    include_norms: o.IncludeNorms = False,
+    hutchinson_probes: o.HutchinsonProbes = 8,
+    score_groups: o.ScoreGroups = None,
+    perturb: Annotated[Optional[str], typer.Option(help="plan the perturbation trials too (run)",
+                                                   rich_help_panel="Perturbation")] = None,
+    controls: o.Controls = "random_k,bottom_k",
+    seeds: o.Seeds = "0,1,2",
+    stability_check: o.StabilityCheck = False,
+    stability_fraction: o.StabilityFraction = 0.5,
+    device_memory: Annotated[Optional[str], typer.Option(help="memory of the device to plan for, e.g. 80GB "
+                                                         "[default: this machine's GPU]")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+    # flags of the other commands that do not change the cost, accepted so that a command line can be planned as is
+    mode: o.Mode = "per_layer",
+    topk: o.TopK = 100,
+    device: o.Device = "auto",
+    save_plots: o.SavePlots = False,
+    out_dir: Annotated[Optional[Path], typer.Option(help="ignored (planning writes nothing)")] = None,
+    perturb_scale: o.PerturbScale = 1.0,
+    perturb_prob: o.PerturbProb = 1.0,
+) -> None:
+    """Predicted peak device memory per phase, score groups, batch size and wall time; exit 1 if it cannot fit."""
+    import json
+
+    from esa.errors import EsaError
+    from esa.plan import format_plan, parse_size, plan_command
+
+    if device_memory is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise EsaError("no GPU here: give --device-memory, e.g. --device-memory 80GB")
+        device_memory = str(torch.cuda.get_device_properties(0).total_memory)
+    result, _, _ = plan_command(
+        o.model_config(model, dtype, "cuda", revision, trust_remote_code, None),
+        o.selection_config(metric, mode, topk, include, exclude, include_biases, include_norms, hutchinson_probes,
+                           4096, score_groups),
+        command=command, seq_len=seq_len, max_samples=max_samples, batch_size=batch_size, perturb=perturb is not None,
+        conditions=1 + len(o.parse_controls(controls)), seeds=len(o.parse_seeds(seeds)),
+        stability_check=stability_check, stability_fraction=stability_fraction,
+        device_memory=parse_size(device_memory))
+    if json_output:
+        print(json.dumps(result.as_dict(), indent=1))
+    else:
+        for line in format_plan(result):
+            console.print(line, markup=False)
+    if not result.fits:
+        raise typer.Exit(1)
 
 
 @tiny_app.command("train")

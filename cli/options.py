@@ -74,6 +74,9 @@ HutchinsonProbes = Annotated[int, typer.Option(help="Rademacher probes per batch
                                                rich_help_panel="Selection")]
 HessianBudget = Annotated[int, typer.Option(help="most weights hessian_diag may score exactly (one Hessian-vector "
                                             "product each)", rich_help_panel="Selection")]
+ScoreGroups = Annotated[Optional[int], typer.Option(help="score the tensors in N groups, one pass over the windows "
+                                                    "each (same results, less memory) [default: from the plan]",
+                                                    rich_help_panel="Selection")]
 Seeds = Annotated[str, typer.Option(help="comma-separated seeds, e.g. 0,1,2", rich_help_panel="Seeds")]
 StabilityCheck = Annotated[bool, typer.Option("--stability-check", help="repeat the selection on a seeded subset of "
                                               "the windows per seed and report top-k Jaccard", rich_help_panel="Seeds")]
@@ -127,8 +130,8 @@ def parse_controls(text: str) -> list[str]:
 
 
 def selection_config(metric, mode, topk, include, exclude, include_biases, include_norms, hutchinson_probes,
-                     hessian_budget, bottom_k_include_unused: bool = False) -> SelectionConfig:
+                     hessian_budget, bottom_k_include_unused: bool = False, score_groups=None) -> SelectionConfig:
     return SelectionConfig(metric=metric, mode=mode, topk=topk, include=list(include or []),
                            exclude=list(exclude or []), include_biases=include_biases, include_norms=include_norms,
                            hutchinson_probes=hutchinson_probes, hessian_budget=hessian_budget,
-                           bottom_k_include_unused=bottom_k_include_unused)
+                           bottom_k_include_unused=bottom_k_include_unused, score_groups=score_groups)

@@ -50,6 +50,7 @@ class SelectionConfig:
     hutchinson_probes: int = 8
     hessian_budget: int = 4096  # most weights hessian_diag may score (one HVP per weight)
     bottom_k_include_unused: bool = False  # bottom_k may pick zero-score (unused) weights, the old behaviour
+    score_groups: int | None = None  # passes over the windows, one per group of tensors; None = from the plan
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -79,6 +80,16 @@ def kernel_path(device: str | None = None) -> dict[str, Any]:
     return info
 
 
+def measured_peak_memory(device: str | None) -> dict[str, Any]:
+    """The peak memory of this process so far: ``torch.cuda.max_memory_allocated`` on CUDA, else the peak RSS."""
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        return {"measured_peak_bytes": int(torch.cuda.max_memory_allocated(torch.device(device))),
+                "measured_as": "torch.cuda.max_memory_allocated"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"measured_peak_bytes": int(rss if sys.platform == "darwin" else rss * 1024),  # Linux reports KiB
+            "measured_as": "peak RSS of the process (resource.getrusage)"}
+
+
 class Timer:
     """Named wall-clock phases, for the manifest's ``timings_s``."""
 
@@ -103,7 +114,10 @@ class Timer:
         return {**{k: round(v, 4) for k, v in self.phases.items()}, "total": round(time.time() - self.started, 4)}
 
 
-def build_manifest(command: str, *, timer: Timer, extra: dict[str, Any], status: str = "complete") -> dict[str, Any]:
+def build_manifest(command: str, *, timer: Timer, extra: dict[str, Any], status: str = "complete",
+                   planned_peak_bytes: int | None = None) -> dict[str, Any]:
+    """The manifest; ``memory`` holds the measured peak next to the plan's prediction (:mod:`esa.plan`) when given."""
+    device = extra.get("model", {}).get("device")
     return {
         "esa_command": command,
         "status": status,
@@ -114,5 +128,6 @@ def build_manifest(command: str, *, timer: Timer, extra: dict[str, Any], status:
         "hardware": hardware(),
         "kernels": kernel_path(extra.get("model", {}).get("device")),
         "timings_s": timer.as_dict(),
+        "memory": {**measured_peak_memory(device), "planned_peak_bytes": planned_peak_bytes},
         **extra,
     }

@@ -133,6 +133,23 @@ def model_context(model: str | None, *, revision: str | None = None, trust_remot
                                        {"revision": revision, "trust_remote_code": trust_remote_code}))
 
 
+def meta_model(model: str | None, *, dtype: torch.dtype, revision: str | None = None,
+               trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model built from its config alone on the ``meta`` device: shapes and names, no weights, no memory.
+
+    A local directory holding only ``config.json`` works."""
+    from transformers import AutoModelForCausalLM
+
+    target, source = _locate(model)
+    config = _load_config(model, target, source, {"revision": revision, "trust_remote_code": trust_remote_code})
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, ImportError) as e:
+        raise EsaError(f"cannot build model {model or target!r} from its config: {_short(e)}") from None
+
+
 def load_model(
     model: str | None = None,
     *,

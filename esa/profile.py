@@ -12,6 +12,11 @@ Files in the run directory:
 - ``stability.json`` and ``stability/top_weights_seed<S>.csv`` with ``--stability-check``;
 - ``scores.safetensors`` with ``--save-scores`` (float32, one entry per tensor: 4 bytes per weight);
 - ``plots/`` with ``--save-plots``; ``config.json``; ``experiment_manifest.json`` (last).
+
+Score groups: the scored tensors are split into contiguous groups (``--score-groups``, or the plan's choice on
+CUDA), each scored in its own pass over the same windows; of each buffer only its top and bottom candidates and
+its tail summary are kept before the next group starts. Selections are merged from those candidates in model
+order, so every file is byte-identical to a single-group run.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from esa.baseline import begin_run
 from esa.config import ProfileConfig, SelectionConfig, to_dict
 from esa.errors import EsaError
 from esa.manifest import Timer, build_manifest
-from esa.runio import MANIFEST, atomic_write_bytes, atomic_write_csv, atomic_write_json, prepare_run_dir, read_csv_rows
-from esa.scoring import ScoreSet, check_metric, compute_scores, needs_double_backward, ranking_view
-from esa.selection import MODES, WeightSet, jaccard, select_extreme
+from esa.plan import planned_groups, predicted_peak, refuse_if_it_cannot_fit
+from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, prepare_run_dir, read_csv_rows
+from esa.scorefile import ScoreFile
+from esa.scoring import ScoreSet, check_metric, compute_scores, needs_data, needs_double_backward, ranking_view
+from esa.selection import MODES, Candidates, WeightSet, jaccard, merge_candidates, tensor_candidates
 from esa.session import Session, open_session, validate_data_config
 from esa.tensors import TensorInfo, select_tensors
 from esa.windows import Windows, seeded_subset, stability_subset_size
@@ -63,6 +70,8 @@ def validate_selection(sel: SelectionConfig) -> None:
         raise EsaError(f"--topk must be at least 1 (got {sel.topk})")
     if sel.hutchinson_probes < 1:
         raise EsaError(f"--hutchinson-probes must be at least 1 (got {sel.hutchinson_probes})")
+    if sel.score_groups is not None and sel.score_groups < 1:
+        raise EsaError(f"--score-groups must be at least 1 (got {sel.score_groups})")
 
 
 def scored_tensors(model: torch.nn.Module, sel: SelectionConfig) -> list[tuple[TensorInfo, torch.nn.Parameter]]:
@@ -72,19 +81,88 @@ def scored_tensors(model: torch.nn.Module, sel: SelectionConfig) -> list[tuple[T
     return tensors
 
 
+def split_groups(tensors: list[TensorInfo], n: int) -> list[list[TensorInfo]]:
+    """``min(n, len(tensors))`` contiguous groups in model order, of about equal numbers of weights."""
+    n = max(1, min(n, len(tensors)))
+    total = sum(t.numel for t in tensors)
+    groups: list[list[TensorInfo]] = [[]]
+    done = 0
+    for i, t in enumerate(tensors):
+        to_open = n - len(groups)
+        # a new group starts where the next tensor would end nearer the following boundary than this one
+        if groups[-1] and (to_open >= len(tensors) - i or (to_open > 0 and done + t.numel / 2 >= total * len(groups) / n)):
+            groups.append([])
+        groups[-1].append(t)
+        done += t.numel
+    return groups
+
+
+@dataclass
+class Reduced:
+    """What selection and statistics keep of one tensor's scores once its buffer is freed."""
+
+    top: Candidates
+    bottom: Candidates
+    summary: tailstats.TensorSummary | None
+
+
+def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_unused: bool = True
+                  ) -> dict[str, Reduced]:
+    """Per scored tensor: its top-k and bottom-k candidates and, with ``summarize``, its tail-statistics summary
+    (of |S| for a signed metric). ``skip_unused``: bottom-k leaves out zero-score weights (:mod:`esa.selection`).
+
+    Two selections per buffer: the largest max(k, tail) scores serve both the top-k and the tail statistics.
+    """
+    out = {}
+    tail = max(k, MIN_TAIL_VALUES)
+    for t in scores.tensors:
+        if t.name not in scores.scores:
+            continue
+        s = scores.scores[t.name]
+        top = tensor_candidates(t.name, s, tail if summarize else k, largest=True, metric=scores.metric)
+        bottom = tensor_candidates(t.name, s, k, largest=False, metric=scores.metric, skip_unused=skip_unused)
+        summary = None
+        if summarize:
+            summary = tailstats.summarize(ranking_view(s, scores.metric), tail, seed=seed, top=top.values)
+        out[t.name] = Reduced(top, bottom, summary)
+    return out
+
+
 def score_and_select(session: Session, sel: SelectionConfig, windows: torch.Tensor, *, batch_size: int, seed: int,
-                     summarize: bool = False) -> tuple[Selection, ScoreSet]:
+                     summarize: bool = False, groups: int | None = None, on_scores=None) -> tuple[Selection, dict]:
+    """Score the selected tensors in ``groups`` passes over ``windows`` (default: :func:`score_groups`), holding one
+    group's score buffers at a time,
+    keeping per tensor only its candidates and summary; ``on_scores(ScoreSet)`` sees each group's buffers first.
+
+    Returns the selection and a description of the scoring (metric, batches, groups, the metric's notes).
+    """
     tensors = scored_tensors(session.loaded.model, sel)
-    scores = compute_scores(session.loaded.model, tensors, windows, sel.metric, batch_size=batch_size,
-                            hutchinson_probes=sel.hutchinson_probes, hessian_budget=sel.hessian_budget, seed=seed)
-    top = select_extreme(scores, sel.topk, sel.mode, largest=True)
-    bottom = select_extreme(scores, sel.topk, sel.mode, largest=False, skip_unused=not sel.bottom_k_include_unused)
-    summaries = {}
-    if summarize:
-        tail = max(sel.topk, MIN_TAIL_VALUES)
-        summaries = {t.name: tailstats.summarize(ranking_view(scores.scores[t.name], sel.metric), tail, seed=seed)
-                     for t in scores.tensors}
-    return Selection(scores.tensors, top, bottom, summaries), scores
+    if groups is None and sel.score_groups is None:
+        groups = planned_groups(session.loaded.model, [t for t, _ in tensors], command="profile", metric=sel.metric,
+                                seq_len=windows.shape[1], n_windows=windows.shape[0], batch_size=batch_size,
+                                hutchinson_probes=sel.hutchinson_probes, device=str(session.loaded.device))
+    split = split_groups([t for t, _ in tensors], groups or score_groups(sel))
+    reduced: dict[str, Reduced] = {}
+    described: dict = {"metric": sel.metric, "score_groups": len(split), "meta": {}}
+    for group in split:
+        scores = compute_scores(session.loaded.model, tensors, windows, sel.metric, batch_size=batch_size,
+                                hutchinson_probes=sel.hutchinson_probes, hessian_budget=sel.hessian_budget, seed=seed,
+                                group=[t.name for t in group])
+        if on_scores is not None:
+            on_scores(scores)
+        reduced.update(reduce_scores(scores, sel.topk, summarize=summarize, seed=seed,
+                                     skip_unused=not sel.bottom_k_include_unused))
+        described["n_batches"] = scores.n_batches
+        for key, value in scores.meta.items():  # act_mag lists skipped tensors per group
+            described["meta"][key] = described["meta"].get(key, []) + value if isinstance(value, list) else value
+        del scores
+    infos = [t for t, _ in tensors if t.name in reduced]
+    if not infos:
+        raise EsaError("act_mag scores Linear and Embedding weights only, and none is selected")
+    top = merge_candidates(infos, {n: r.top for n, r in reduced.items()}, sel.topk, sel.mode, largest=True)
+    bottom = merge_candidates(infos, {n: r.bottom for n, r in reduced.items()}, sel.topk, sel.mode, largest=False)
+    summaries = {n: r.summary for n, r in reduced.items()} if summarize else {}
+    return Selection(infos, top, bottom, summaries), described
 
 
 # ----------------------------------------------------------------------------------------------- weights files
@@ -285,28 +363,35 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
     validate_profile(config)
     timer = Timer()
+    if session is None:
+        refuse_if_it_cannot_fit(config.model, config.selection, config.data, command="profile")
     with timer.phase("load"):
         session = session or open_for_selection(config.model, config.data, config.selection)
     model = session.loaded.model
     params = dict(model.named_parameters())
     sel = config.selection
-    with timer.phase("score"):
-        selection, scores = score_and_select(session, sel, session.windows.input_ids,
-                                             batch_size=config.data.batch_size, seed=config.data.seed, summarize=True)
-    with timer.phase("statistics"):
-        stats, stat_rows = score_statistics(selection, sel.topk)
-        loc_rows, loc_summary = location_table(selection)
-        curves = ccdf_curves(selection)
-    scores_meta = dict(scores.meta)
-    scores_blob = _scores_bytes(scores) if config.save_scores else None
-    plot_inputs = (selection, scores.metric) if config.save_plots else None
-    del scores
-    stab = None
-    if config.stability_check:
-        with timer.phase("stability"):
-            stab, seed_selections = stability(session, config)
-
-    begin_run(out_dir, config.overwrite)
+    score_file = _open_score_file(out_dir, model, sel, session.windows.n, config.data.batch_size) \
+        if config.save_scores else None
+    try:
+        with timer.phase("score"):
+            selection, scoring = score_and_select(
+                session, sel, session.windows.input_ids, batch_size=config.data.batch_size, seed=config.data.seed,
+                summarize=True,
+                on_scores=None if score_file is None else lambda s: [score_file.add(n, v) for n, v in s.scores.items()])
+        with timer.phase("statistics"):
+            stats, stat_rows = score_statistics(selection, sel.topk)
+            loc_rows, loc_summary = location_table(selection)
+            curves = ccdf_curves(selection)
+        stab = None
+        if config.stability_check:
+            with timer.phase("stability"):
+                stab, seed_selections = stability(session, config)
+        begin_run(out_dir, config.overwrite)
+        if score_file is not None:
+            score_file.commit()
+    finally:
+        if score_file is not None:
+            score_file.close()
     atomic_write_json(out_dir / "config.json", to_dict(config))
     write_weights(out_dir / "top_weights.csv", selection.top, selection.tensors, params)
     write_weights(out_dir / "bottom_weights.csv", selection.bottom, selection.tensors, params)
@@ -315,8 +400,6 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
     atomic_write_csv(out_dir / "ccdf.csv", ("component", "score", "ccdf"), ccdf_rows(curves))
     atomic_write_csv(out_dir / "locations.csv", ("layer", "component", "topk_count", "topk_share", "score_mass_share"),
                      loc_rows)
-    if scores_blob is not None:
-        atomic_write_bytes(out_dir / "scores.safetensors", scores_blob)
     if stab is not None:
         atomic_write_json(out_dir / "stability.json", stab)
         for s, chosen in seed_selections.items():
@@ -345,14 +428,18 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
         "stability_mean_jaccard": stab["mean_jaccard"] if stab else None,
     }
     atomic_write_json(out_dir / "metrics.json", metrics)
-    if plot_inputs is not None:
+    if config.save_plots:
         with timer.phase("plots"):
             from esa.plots import profile_plots
 
             profile_plots(out_dir / "plots", selection, loc_rows, curves, metric=sel.metric)
-    extra = {**session.describe(), "scoring": {"metric": sel.metric, "tensors": [t.name for t in selection.tensors],
-                                               **scores_meta}}
-    atomic_write_json(out_dir / MANIFEST, build_manifest(command, timer=timer, extra=extra))
+    extra = {**session.describe(), "scoring": {"metric": sel.metric, "score_groups": scoring["score_groups"],
+                                               "tensors": [t.name for t in selection.tensors], **scoring["meta"]}}
+    planned = predicted_peak(model, list(selection.tensors), command="profile", metric=sel.metric,
+                             seq_len=session.windows.input_ids.shape[1], n_windows=session.windows.n,
+                             batch_size=config.data.batch_size, score_groups=scoring["score_groups"],
+                             hutchinson_probes=sel.hutchinson_probes, device=str(session.loaded.device))
+    atomic_write_json(out_dir / MANIFEST, build_manifest(command, timer=timer, extra=extra, planned_peak_bytes=planned))
     return {"out_dir": out_dir, "metrics": metrics, "stability": stab, "session": session, "selection": selection}
 
 
@@ -373,8 +460,13 @@ def _first(ws: WeightSet, tensors: list[TensorInfo]) -> dict | None:
             "flat_index": int(ws.flat_index[0]), "score": float(ws.score[0])}
 
 
-def _scores_bytes(scores: ScoreSet) -> bytes:
-    from safetensors.torch import save
+def score_groups(sel: SelectionConfig) -> int:
+    """The number of score groups forced by ``--score-groups``, else one (the plan decides on CUDA)."""
+    return sel.score_groups or 1
 
-    return save({name: s.detach().contiguous().cpu() for name, s in scores.scores.items()},
-                metadata={"metric": scores.metric, "n_batches": str(scores.n_batches)})
+
+def _open_score_file(out_dir: Path, model: torch.nn.Module, sel: SelectionConfig, n_windows: int,
+                     batch_size: int) -> ScoreFile:
+    n_batches = -(-n_windows // batch_size) if needs_data(sel.metric) else 0
+    tensors = [t for t, _ in scored_tensors(model, sel)]
+    return ScoreFile(out_dir / "scores.safetensors", tensors, {"metric": sel.metric, "n_batches": n_batches})

@@ -34,6 +34,13 @@ it (``p.grad = None``); parameters that are not scored do not require grad at al
 float32 buffer per scored tensor, the activations of one batch, and the gradient of the tensor being folded.
 The second-order metrics differentiate through the gradient (double backward), which holds the gradient of
 every scored tensor with its graph: about two more copies of the scored weights, plus activations.
+
+Score groups: ``group`` names the scored tensors whose score buffers one call fills (the others get none), so that
+a caller can score a model in several passes over the same windows and keep only one group's buffers at a time.
+The result for a tensor does not depend on the grouping: the same batches are used, and for ``hutchinson_diag`` the
+probe z spans every scored tensor in every pass (H z needs the cross-tensor blocks), only the accumulation is per
+group. The probe is never held whole: z_t is drawn per tensor from a counter-based seed (seed, tensor, batch,
+probe) where it is used, in the backward of g·z and again when z_t ⊙ (H z)_t is folded.
 """
 
 from __future__ import annotations
@@ -41,11 +48,12 @@ from __future__ import annotations
 import contextlib
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from esa.errors import EsaError
+from esa.evaluate import mean_loss
 from esa.kernels import accumulate_
 from esa.modeling import set_attention
 from esa.progress import progress_bar
@@ -131,8 +139,8 @@ def fold_gradients(params: dict[str, torch.nn.Parameter], fold: Callable[[str, t
 
 
 def batch_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL over the batch (the same definition as :mod:`esa.evaluate`)."""
-    return model(input_ids=batch, labels=batch, use_cache=False).loss
+    """Mean next-token NLL over the batch (the same definition as :mod:`esa.evaluate`, chunked through the head)."""
+    return mean_loss(model, batch)
 
 
 def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -143,11 +151,30 @@ def _seed_for(*parts: object) -> int:
     return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
+def rademacher(shape: torch.Size, dtype: torch.dtype, device: torch.device, seed: int, name: str, batch: int,
+               probe: int) -> torch.Tensor:
+    """±1 of ``shape`` and ``dtype``, reproducible for (seed, tensor name, batch, probe) on a given device."""
+    g = torch.Generator(device=device).manual_seed(_seed_for(seed, name, batch, probe))
+    z = torch.randint(0, 2, shape, generator=g, device=device, dtype=torch.int8)
+    return (z * 2 - 1).to(dtype)
+
+
 def rademacher_like(p: torch.Tensor, seed: int, name: str, batch: int, probe: int) -> torch.Tensor:
-    """±1 in ``p``'s dtype, reproducible for (seed, tensor name, batch, probe) on a given device."""
-    g = torch.Generator(device=p.device).manual_seed(_seed_for(seed, name, batch, probe))
-    z = torch.randint(0, 2, p.shape, generator=g, device=p.device, dtype=torch.int8)
-    return (z * 2 - 1).to(p.dtype)
+    """The probe of tensor ``p`` (see :func:`rademacher`)."""
+    return rademacher(p.shape, p.dtype, p.device, seed, name, batch, probe)
+
+
+class _ProbeDot(torch.autograd.Function):
+    """g · z for the probe z = rademacher_like(g, *key); z is drawn again in backward instead of being saved."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, key: tuple) -> torch.Tensor:
+        ctx.key, ctx.shape, ctx.dtype, ctx.device = key, g.shape, g.dtype, g.device
+        return (g * rademacher_like(g, *key)).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out * rademacher(ctx.shape, ctx.dtype, ctx.device, *ctx.key), None
 
 
 def compute_scores(
@@ -160,8 +187,11 @@ def compute_scores(
     hutchinson_probes: int = 8,
     hessian_budget: int = DEFAULT_HESSIAN_BUDGET,
     seed: int = 0,
+    group: Sequence[str] | None = None,
 ) -> ScoreSet:
-    """Score every element of ``tensors`` with ``metric`` on the windows ``input_ids`` [n, L] (see module doc)."""
+    """Score every element of ``tensors`` with ``metric`` on the windows ``input_ids`` [n, L] (see module doc).
+
+    With ``group``, only those of ``tensors`` get a score buffer (a score group; see the module docstring)."""
     check_metric(metric)
     if not tensors:
         raise EsaError("no tensor is selected for scoring; check --include/--exclude")
@@ -174,6 +204,12 @@ def compute_scores(
                 f"hessian_diag needs one Hessian-vector product per scored weight: {total:,} weights exceed "
                 f"--hessian-budget {hessian_budget:,}; narrow the tensors with --include (e.g. "
                 f"--include '*layers.1.mlp.down_proj*') or use --metric hutchinson_diag")
+    wanted = set(group) if group is not None else {info.name for info, _ in tensors}
+    unknown = wanted - {info.name for info, _ in tensors}
+    if unknown:
+        raise EsaError(f"score group names tensors that are not scored: {', '.join(sorted(unknown))}")
+    spanned = {info.name: p for info, p in tensors}  # the probe of hutchinson_diag spans all of them
+    tensors = [(info, p) for info, p in tensors if info.name in wanted]
     infos = [info for info, _ in tensors]
     params = {info.name: p for info, p in tensors}
     scores = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
@@ -187,6 +223,8 @@ def compute_scores(
         return ScoreSet(metric, infos, scores, 0, meta)
     if metric == "act_mag":
         meta = _act_mag(model, tensors, scores, batches, device)
+        if not scores and group is None:  # a score group may hold only tensors act_mag skips
+            raise EsaError("act_mag scores Linear and Embedding weights only, and none is selected")
         return ScoreSet(metric, [i for i in infos if i.name in scores], scores, len(batches), meta)
 
     was_training = model.training
@@ -195,16 +233,17 @@ def compute_scores(
         meta["attn_implementation_was"] = getattr(model.config, "_attn_implementation", None)
         set_attention(model, "eager")  # fused SDPA/flash kernels have no double backward
     try:
-        with _grad_enabled_for(list(params.values())):
+        spans_all = metric in ("hutchinson_diag", "obd")  # a probe over every scored tensor, whatever the group
+        with _grad_enabled_for(list((spanned if spans_all else params).values())):
             if metric in FIRST_ORDER:
                 _first_order(model, params, scores, batches, device, metric)
             elif metric == "hutchinson_diag":
-                _hutchinson(model, params, scores, batches, device, hutchinson_probes, seed)
+                _hutchinson(model, spanned, scores, batches, device, hutchinson_probes, seed)
                 meta["probes"] = hutchinson_probes
             elif metric == "taylor":
                 _taylor(model, params, scores, batches, device)
             elif metric == "obd":
-                _obd(model, params, scores, batches, device, hutchinson_probes, seed)
+                _obd(model, spanned, scores, batches, device, hutchinson_probes, seed)
                 meta["probes"] = hutchinson_probes
             else:
                 _hessian_diag(model, params, scores, batches, device)
@@ -237,25 +276,26 @@ def _first_order(model, params, scores, batches, device, metric) -> None:
 
 
 def _hutchinson(model, params, scores, batches, device, probes: int, seed: int) -> None:
+    """Accumulate z ⊙ (H z) into ``scores`` (a subset of ``params``); z spans every tensor of ``params``."""
     if probes < 1:
         raise EsaError(f"--hutchinson-probes must be at least 1 (got {probes})")
     names, plist = list(params), list(params.values())
-    current: dict[str, torch.Tensor] = {}
+    key: list = []  # (batch, probe) of the probe being folded
 
     def fold(name: str, hz: torch.Tensor, p: torch.Tensor) -> None:
-        accumulate_("product", scores[name], current[name], hz)
+        if name in scores:
+            accumulate_("product", scores[name], rademacher_like(p, seed, name, *key), hz)
 
     with fold_gradients(params, fold), progress_bar("scoring (hutchinson_diag)", total=len(batches) * probes) as bar:
         for b, batch in enumerate(batches):
             grads = torch.autograd.grad(batch_loss(model, batch.to(device)), plist, create_graph=True)
             for i in range(probes):
-                current.clear()
-                current.update({n: rademacher_like(p, seed, n, b, i) for n, p in params.items()})
+                key[:] = [b, i]
                 # d/dw (g · z) = H z, delivered tensor by tensor to the post-accumulate hooks.
-                torch.autograd.backward(grads, grad_tensors=[current[n] for n in names], retain_graph=i < probes - 1)
+                g_dot_z = sum(_ProbeDot.apply(g, (seed, n, b, i)) for n, g in zip(names, grads))
+                g_dot_z.backward(retain_graph=i < probes - 1)
                 bar.advance()
             del grads
-    current.clear()
 
 
 def _mean_loss_share(batches: list[torch.Tensor], b: int) -> float:
@@ -278,34 +318,37 @@ def _taylor(model, params, scores, batches, device) -> None:
 
 
 def _obd(model, params, scores, batches, device, probes: int, seed: int) -> None:
-    """scores ← −Ḡ ⊙ w + ½ Ĥ_ii ⊙ w² (module docstring), one double-backward pass per batch.
+    """scores ← −Ḡ ⊙ w + ½ Ĥ_ii ⊙ w² (module docstring) for the tensors of ``scores`` (a subset of ``params``), one
+    double-backward pass per batch; the probe spans every tensor of ``params``, as in :func:`_hutchinson`.
 
     With l_b = (n_b/N) L_b: the gradient g'_b = ∇l_b gives the first-order term (folded with ``product`` against
-    −w); each probe's H'_b z arrives through the post-accumulate hooks and is folded against z ⊙ w² / (2m), built in
-    fp32 for one tensor at a time.
+    −w); each probe's H'_b z arrives through the post-accumulate hooks and is folded against z ⊙ w² / (2m), z drawn
+    again for one tensor at a time (never a full probe set in memory).
     """
     if probes < 1:
         raise EsaError(f"--hutchinson-probes must be at least 1 (got {probes})")
     names, plist = list(params), list(params.values())
-    current: dict[str, torch.Tensor] = {}
+    key: list = []  # (batch, probe) of the probe being folded
 
     def fold(name: str, hz: torch.Tensor, p: torch.Tensor) -> None:
-        w = p.detach().float()
-        accumulate_("product", scores[name], current[name].float() * w * w * (0.5 / probes), hz)
+        if name in scores:
+            w = p.detach().float()
+            z = rademacher_like(p, seed, name, *key).float()
+            accumulate_("product", scores[name], z * w * w * (0.5 / probes), hz)
 
     with fold_gradients(params, fold), progress_bar("scoring (obd)", total=len(batches) * probes) as bar:
         for b, batch in enumerate(batches):
             loss = batch_loss(model, batch.to(device)) * _mean_loss_share(batches, b)
             grads = torch.autograd.grad(loss, plist, create_graph=True)
             for name, g in zip(names, grads):
-                accumulate_("product", scores[name], g.detach(), params[name].detach().neg())
+                if name in scores:
+                    accumulate_("product", scores[name], g.detach(), params[name].detach().neg())
             for i in range(probes):
-                current.clear()
-                current.update({n: rademacher_like(p, seed, n, b, i) for n, p in params.items()})
-                torch.autograd.backward(grads, grad_tensors=[current[n] for n in names], retain_graph=i < probes - 1)
+                key[:] = [b, i]
+                g_dot_z = sum(_ProbeDot.apply(g, (seed, n, b, i)) for n, g in zip(names, grads))
+                g_dot_z.backward(retain_graph=i < probes - 1)
                 bar.advance()
             del grads
-    current.clear()
 
 
 def _hessian_diag(model, params, scores, batches, device) -> None:
@@ -367,6 +410,4 @@ def _act_mag(model, tensors, scores, batches, device) -> dict:
             accumulate_("abs_scaled", scores[info.name], p.detach(), row_scale=norm)
         else:
             accumulate_("abs_scaled", scores[info.name], p.detach(), col_scale=norm)
-    if not scores:
-        raise EsaError("act_mag scores Linear and Embedding weights only, and none is selected")
     return {"skipped": skipped} if skipped else {}

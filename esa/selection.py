@@ -69,97 +69,122 @@ class WeightSet:
         return set(zip(self.tensor, self.flat_index.tolist()))
 
 
-def _check_scores(scores: ScoreSet) -> None:
-    for name, s in scores.scores.items():
-        if not bool(torch.isfinite(s).all()):
-            raise EsaError(f"scores of {name} contain NaN or inf: the loss or the weights are broken "
-                           "(check the baseline, or try --dtype float32)")
+@dataclass
+class Candidates:
+    """The exact best ``len(values)`` scores of one tensor in the total order above (CPU tensors): ``values`` the
+    ranked values (float32: |S| for a signed metric), ``index`` the flat indices (int64), ``reported`` the scores
+    to report (signed for a signed metric, else ``values``), ``unused`` the tensor's zero-score weights that a
+    bottom-k left out (0 when none was). A prefix of the best m is the best m' < m, so one selection serves
+    several k."""
+
+    values: torch.Tensor
+    index: torch.Tensor
+    reported: torch.Tensor
+    unused: int = 0
+
+    def head(self, k: int) -> "Candidates":
+        return Candidates(self.values[:k], self.index[:k], self.reported[:k], self.unused)
 
 
-def _empty(kind: str) -> WeightSet:
-    return WeightSet([], np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), kind)
+def tensor_candidates(name: str, score: torch.Tensor, k: int, *, largest: bool = True, metric: str = "",
+                      skip_unused: bool = False) -> Candidates:
+    """The best ``min(k, numel)`` of one score buffer, ranked by :func:`esa.scoring.ranking_view` for ``metric``;
+    NaN or inf scores are refused. ``skip_unused`` (bottom-k only): zero scores are not ranked (module docstring),
+    so fewer than k may come back."""
+    if not bool(torch.isfinite(score).all()):
+        raise EsaError(f"scores of {name} contain NaN or inf: the loss or the weights are broken "
+                       "(check the baseline, or try --dtype float32)")
+    view = ranking_view(score, metric)
+    skip_unused = skip_unused and not largest
+    unused = int((view == 0).sum()) if skip_unused else 0
+    if unused:  # a transient copy of one tensor's ranked values; +inf never reaches a bottom-k before a used weight
+        view = view.masked_fill(view == 0, math.inf)
+    values, idx = topk(view, min(k, score.numel()), largest=largest)
+    if unused:
+        used = torch.isfinite(values)
+        values, idx = values[used], idx[used]
+    reported = score.reshape(-1)[idx] if is_signed(metric) else values
+    return Candidates(values.cpu(), idx.cpu(), reported.float().cpu(), unused)
 
 
-def _ranked(score: torch.Tensor, skip_unused: bool) -> torch.Tensor:
-    """The values to rank: with ``skip_unused``, zero scores become +inf so that a bottom-k never reaches them
-    before a used weight (a transient copy of one tensor's scores)."""
-    return score.masked_fill(score == 0, math.inf) if skip_unused else score
+def _empty(kind: str, meta: dict) -> WeightSet:
+    return WeightSet([], np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), kind, meta)
+
+
+def _check_args(k: int, mode: str) -> None:
+    if mode not in MODES:
+        raise EsaError(f"unknown --mode {mode!r}; use per_layer or global")
+    if k < 1:
+        raise EsaError(f"--topk must be at least 1 (got {k})")
 
 
 def select_extreme(scores: ScoreSet, k: int, mode: str, *, largest: bool = True,
                    skip_unused: bool = False) -> WeightSet:
     """Top-k (``largest``) or bottom-k of ``scores`` in ``per_layer`` or ``global`` mode; exact, ties as above.
-
-    ``skip_unused`` (bottom-k only): rank only weights with a non-zero score; the number of zero-score weights
-    left out is ``meta["unused_left_out"]`` (counted over every scored tensor)."""
-    if mode not in MODES:
-        raise EsaError(f"unknown --mode {mode!r}; use per_layer or global")
-    if k < 1:
-        raise EsaError(f"--topk must be at least 1 (got {k})")
-    _check_scores(scores)
-    kind = "top_k" if largest else "bottom_k"
-    skip_unused = skip_unused and not largest
+    ``skip_unused``: see :func:`tensor_candidates`."""
+    _check_args(k, mode)
     infos = [t for t in scores.tensors if t.name in scores.scores]
+    candidates = {t.name: tensor_candidates(t.name, scores.scores[t.name], k, largest=largest, metric=scores.metric,
+                                            skip_unused=skip_unused) for t in infos}
+    return merge_candidates(infos, candidates, k, mode, largest=largest)
+
+
+def merge_candidates(infos: list[TensorInfo], candidates: dict[str, Candidates], k: int, mode: str, *,
+                     largest: bool = True) -> WeightSet:
+    """The selection from per-tensor candidates (each the best min(k', numel) with k' ≥ k), ``infos`` in model order.
+
+    Exact whatever the tensors were scored together or in groups: only each tensor's own best k enter. When the
+    candidates left out unused weights, ``meta["unused_left_out"]`` counts them over every tensor.
+    """
+    _check_args(k, mode)
+    kind = "top_k" if largest else "bottom_k"
+    cands = {t.name: candidates[t.name].head(min(k, t.numel)) for t in infos}
     meta: dict = {"mode": mode, "k": k}
-    if skip_unused:
-        meta["unused_left_out"] = int(sum(int((scores.scores[t.name] == 0).sum()) for t in infos))
-
-    def ranked(info: TensorInfo) -> tuple[torch.Tensor, torch.Tensor]:
-        view = _ranked(ranking_view(scores.scores[info.name], scores.metric), skip_unused)
-        return topk(view, min(k, info.numel), largest=largest)
-
-    def signed(name: str, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """The scores at ``idx`` with their sign (signed metrics), else the ranked ``values`` themselves."""
-        if not is_signed(scores.metric):
-            return values
-        s = scores.scores[name]
-        return s.reshape(-1)[idx.to(s.device)]
-
+    if not largest and any(c.unused for c in cands.values()):
+        meta["unused_left_out"] = sum(c.unused for c in cands.values())
     if mode == "per_layer":
         names, flat, vals, ranks = [], [], [], []
         for info in infos:
-            values, idx = ranked(info)
-            if skip_unused:
-                used = torch.isfinite(values)
-                values, idx = values[used], idx[used]
-            names += [info.name] * idx.numel()
-            flat.append(idx.cpu().numpy())
-            vals.append(signed(info.name, idx, values).double().cpu().numpy())
-            ranks.append(np.arange(idx.numel()))
+            c = cands[info.name]
+            names += [info.name] * c.index.numel()
+            flat.append(c.index.numpy())
+            vals.append(c.reported.double().numpy())
+            ranks.append(np.arange(c.index.numel()))
         if not names:
-            return dataclasses.replace(_empty(kind), meta=meta)
+            return _empty(kind, meta)
         return WeightSet(names, np.concatenate(flat), np.concatenate(vals), np.concatenate(ranks), kind, meta)
     if k > MAX_GLOBAL_K:
         raise EsaError(f"--topk {k:,} is too large for global mode (at most {MAX_GLOBAL_K:,})")
     k = min(k, sum(t.numel for t in infos))
-    # Running merge: (tensor position, flat index, value) of the best k so far, in the total order. Passing the
-    # running set to merge_topk with its ranks as indices keeps that order among equal values, and puts it before
-    # the new tensor's candidates (a later tensor), exactly as the full merge would.
+    # Running merge: (tensor position, position among that tensor's candidates, value) of the best k so far, in the
+    # total order. Passing the running set to merge_topk with its ranks as indices keeps that order among equal
+    # values, and puts it before the new tensor's candidates (a later tensor), exactly as the full merge would; a
+    # tensor's candidates are in its own total order, so their positions order ties as their flat indices do.
     run_pos = torch.empty(0, dtype=torch.int64)
-    run_idx = torch.empty(0, dtype=torch.int64)
+    run_at = torch.empty(0, dtype=torch.int64)
     run_val = torch.empty(0, dtype=torch.float32)
     for p, info in enumerate(infos):
-        values, idx = ranked(info)
-        which, merged_val, merged_idx = merge_topk(
-            [(run_val, torch.arange(run_val.numel())), (values.cpu(), idx.cpu())],
+        values = cands[info.name].values
+        which, merged_val, merged_at = merge_topk(
+            [(run_val, torch.arange(run_val.numel())), (values, torch.arange(values.numel()))],
             min(k, run_val.numel() + values.numel()), largest=largest)
         from_run = which == 0
-        new_pos = torch.full_like(merged_idx, p)
-        new_pos[from_run] = run_pos[merged_idx[from_run]]
-        new_idx = merged_idx.clone()
-        new_idx[from_run] = run_idx[merged_idx[from_run]]
-        run_pos, run_idx, run_val = new_pos, new_idx, merged_val
-    if skip_unused:
-        used = torch.isfinite(run_val)
-        run_pos, run_idx, run_val = run_pos[used], run_idx[used], run_val[used]
+        new_pos = torch.full_like(merged_at, p)
+        new_pos[from_run] = run_pos[merged_at[from_run]]
+        new_at = merged_at.clone()
+        new_at[from_run] = run_at[merged_at[from_run]]
+        run_pos, run_at, run_val = new_pos, new_at, merged_val
     names = [infos[p].name for p in run_pos.tolist()]
-    if is_signed(scores.metric):  # ranked by |S|: report the signed scores of the chosen weights
-        run_val = run_val.clone()
-        for p in run_pos.unique().tolist():
-            at = run_pos == p
-            run_val[at] = signed(infos[p].name, run_idx[at], run_val).cpu().float()
+    flat = torch.empty_like(run_at)
+    reported = torch.empty(run_at.numel(), dtype=torch.float32)
+    for p in run_pos.unique().tolist():
+        at = run_pos == p
+        flat[at] = cands[infos[p].name].index[run_at[at]]
+        reported[at] = cands[infos[p].name].reported[run_at[at]]
+    if not names:
+        return _empty(kind, meta)
     meta["k"] = k
-    return WeightSet(names, run_idx.numpy(), run_val.double().numpy(), np.arange(len(names)), kind, meta)
+    return WeightSet(names, flat.numpy(), reported.double().numpy(), np.arange(len(names)), kind, meta)
 
 
 def _stream_seed(seed: int, name: str) -> int:

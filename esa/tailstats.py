@@ -54,7 +54,9 @@ class TensorSummary:
     sample: np.ndarray  # seeded uniform sample (or every element)
 
 
-def summarize(score: torch.Tensor, tail: int, *, seed: int = 0) -> TensorSummary:
+def summarize(score: torch.Tensor, tail: int, *, seed: int = 0, top: torch.Tensor | None = None) -> TensorSummary:
+    """``top``: the tensor's exact largest scores, descending, at least min(tail, numel) of them, when the caller
+    has selected them already (one selection then serves top-k and the tail)."""
     flat = score.detach().reshape(-1)
     n = flat.numel()
     total = 0.0
@@ -75,7 +77,7 @@ def summarize(score: torch.Tensor, tail: int, *, seed: int = 0) -> TensorSummary
         m4 += float((d2 * d2).sum())
     m2, m3, m4 = m2 / n, m3 / n, m4 / n
     kurt = m4 / (m2 * m2) - 3.0 if m2 > 0 else float("nan")
-    top_values, _ = topk(score, min(tail, n), largest=True)
+    top_values = top[: min(tail, n)] if top is not None else topk(score, min(tail, n), largest=True)[0]
     if n <= SAMPLE:
         sample = flat.double().cpu().numpy()
     else:

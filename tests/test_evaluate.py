@@ -133,3 +133,71 @@ def test_non_finite_loss_is_reported():
     assert not result.finite
     with pytest.raises(EsaError, match="NaN or infinite"):
         require_finite(result)
+
+
+# ----------------------------------------------------------------------------------------------- chunked loss
+def _chunked_vs_model(model, windows, chunk_tokens):
+    """(chunked loss, model's loss, chunked grads, model's grads) for every parameter."""
+    from esa.evaluate import window_nll
+
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        sums, _ = window_nll(model, windows, chunk_tokens=chunk_tokens)
+        ours = (sums.sum() / (windows.shape[0] * (windows.shape[1] - 1))).float()
+        g_ours = torch.autograd.grad(ours, params)
+        theirs = model(input_ids=windows, labels=windows, use_cache=False).loss
+        g_theirs = torch.autograd.grad(theirs, params)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    return ours, theirs, g_ours, g_theirs
+
+
+def _chunk_models():
+    from helpers import STORIES260K
+
+    yield "embedded", load_embedded()[0]
+    yield "gpt_neox", random_model("gpt_neox")
+    tied = random_model("llama")
+    tied.lm_head.weight = tied.model.embed_tokens.weight  # tied embeddings: one parameter, two uses
+    yield "llama_tied", tied
+    if (STORIES260K / "model.safetensors").exists():
+        from transformers import AutoModelForCausalLM
+
+        yield "stories260K", AutoModelForCausalLM.from_pretrained(STORIES260K, dtype=torch.float32).eval()
+
+
+def test_chunked_loss_gradients_and_accuracy_equal_the_models_own():
+    from esa.evaluate import loss_path, window_nll
+
+    seen = []
+    for name, model in _chunk_models():
+        vocab = model.get_output_embeddings().out_features
+        windows = torch.randint(3, vocab, (3, 17), generator=torch.Generator().manual_seed(2))
+        assert loss_path(model) == "chunked", name
+        ours, theirs, g_ours, g_theirs = _chunked_vs_model(model, windows, chunk_tokens=5)  # 48 tokens: 10 chunks
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7, msg=name)
+        for a, b in zip(g_ours, g_theirs):  # float32 sums in another order: relative to the tensor's scale
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6 * float(b.abs().max()), msg=name)
+        with torch.no_grad():
+            _, hits = window_nll(model, windows, with_correct=True, chunk_tokens=7)
+            logits = model(input_ids=windows).logits
+        assert hits.tolist() == (logits[:, :-1].argmax(-1) == windows[:, 1:]).sum(dim=1).tolist(), name
+        seen.append(name)
+    assert seen[:3] == ["embedded", "gpt_neox", "llama_tied"]
+
+
+def test_a_head_with_a_logit_transform_falls_back_to_the_models_logits():
+    from esa.evaluate import loss_path
+
+    model = random_model("llama")
+    assert loss_path(model) == "chunked"
+    model.config.final_logit_softcapping = 30.0  # the chunked path would skip the soft-capping: must not be taken
+    assert loss_path(model) == "full_logits"
+    windows = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    ours, theirs, g_ours, g_theirs = _chunked_vs_model(model, windows, chunk_tokens=4)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6 * float(b.abs().max()))

@@ -371,3 +371,28 @@ def test_signed_metrics_are_selected_by_absolute_value_and_keep_their_sign():
     per = select_extreme(s, 1, "per_layer", largest=False)
     assert per.score.tolist() == [0.0, pytest.approx(-0.3)]
     assert select_extreme(ScoreSet("grad_x_weight", s.tensors, s.scores, 1), 1, "global").score.tolist() == [3.0]
+
+
+@pytest.mark.parametrize("metric", ["grad_x_weight", "grad_squared", "hutchinson_diag", "act_mag", "magnitude",
+                                    "taylor", "obd", "hessian_diag"])
+def test_score_groups_give_bit_identical_scores(setup, metric):
+    """Scoring in groups (one pass per group over the same windows) equals scoring all tensors at once, bit for bit;
+    for hutchinson_diag because the probe spans every scored tensor in every pass."""
+    model, windows = setup
+    include = ["*layers.1.self_attn.k_proj*", "*layers.1.post_attention_layernorm*"] if metric == "hessian_diag" else []
+    tensors = select_tensors(model, include=include, norms=metric == "hessian_diag")
+    names = [t.name for t, _ in tensors]
+    kwargs = dict(batch_size=BATCH, hutchinson_probes=2, seed=3, hessian_budget=10_000)
+    whole = compute_scores(model, tensors, windows[:5], metric, **kwargs)
+    groups = [names[::2], names[1::2]]
+    seen = set()
+    for group in groups:
+        part = compute_scores(model, tensors, windows[:5], metric, group=group, **kwargs)
+        assert set(part.scores) <= set(group)
+        for name, s in part.scores.items():
+            assert torch.equal(s, whole.scores[name]), name
+            seen.add(name)
+    assert seen == set(whole.scores)
+    if metric in ("hutchinson_diag", "obd"):  # a group scored alone (its probe spanning only itself) differs
+        alone = compute_scores(model, [t for t in tensors if t[0].name in groups[0]], windows[:5], metric, **kwargs)
+        assert not torch.equal(alone.scores[groups[0][0]], whole.scores[groups[0][0]])

@@ -1,0 +1,81 @@
+"""Selection + statistics against scoring time for grad_x_weight per_layer (issue 14, point 7).
+
+    python -m bench.selection_vs_scoring           # one Llama-3.1-8B-shaped layer: hidden 4096, vocab 128256,
+                                                   # 1.3B float32 parameters (about 16 GB of host memory)
+    python -m bench.selection_vs_scoring --hidden 256 --intermediate 688 --vocab 8000   # a quick run
+
+Times, on one 128-token window: the score phase (:func:`esa.scoring.compute_scores`), then selection and
+statistics from the score buffers (:func:`esa.profile.reduce_scores` — one top selection serving top-k and the
+tail, one bottom selection, the streamed moments and sample — plus the per-layer merge and
+:func:`esa.profile.score_statistics`). Target: at most 25% of the scoring time on CPU, 5% on a GPU.
+Timings taken on a shared machine are not comparable; say where a figure comes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench.selection_vs_scoring", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=14336)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--topk", type=int, default=100)
+    parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def run(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from esa.profile import Selection, reduce_scores, score_statistics
+    from esa.scoring import compute_scores
+    from esa.selection import merge_candidates
+    from esa.tensors import select_tensors
+
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=1, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(args.device).eval().requires_grad_(False)
+    ids = torch.randint(0, args.vocab, (1, args.seq_len), generator=torch.Generator().manual_seed(0))
+    tensors = select_tensors(model)
+
+    def now():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    t0 = now()
+    scores = compute_scores(model, tensors, ids, "grad_x_weight", batch_size=1)
+    t1 = now()
+    reduced = reduce_scores(scores, args.topk, summarize=True, seed=0)
+    infos = [t for t, _ in tensors]
+    top = merge_candidates(infos, {n: r.top for n, r in reduced.items()}, args.topk, "per_layer")
+    bottom = merge_candidates(infos, {n: r.bottom for n, r in reduced.items()}, args.topk, "per_layer", largest=False)
+    score_statistics(Selection(infos, top, bottom, {n: r.summary for n, r in reduced.items()}), args.topk)
+    t2 = now()
+    return {"parameters": sum(p.numel() for p in model.parameters()), "device": args.device,
+            "scoring_s": t1 - t0, "selection_and_statistics_s": t2 - t1, "ratio": (t2 - t1) / (t1 - t0)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    result = run(_parse(argv))
+    print(f"{result['parameters']:,} parameters on {result['device']}: scoring {result['scoring_s']:.2f} s, "
+          f"selection + statistics {result['selection_and_statistics_s']:.2f} s ({result['ratio']:.0%} of scoring)")
+    out_dir = Path(__file__).resolve().parent / "out"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "selection_vs_scoring.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
