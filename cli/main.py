@@ -617,6 +617,7 @@ def plan(
     perturb: Annotated[Optional[str], typer.Option(help="plan the perturbation trials too (run)",
                                                    rich_help_panel="Perturbation")] = None,
     controls: o.Controls = "random_k,bottom_k",
+    control_sets: o.ControlSets = 39,
     seeds: o.Seeds = "0,1,2",
     stability_check: o.StabilityCheck = False,
     stability_fraction: o.StabilityFraction = 0.5,
@@ -649,7 +650,8 @@ def plan(
         o.selection_config(metric, mode, topk, include, exclude, include_biases, include_norms, hutchinson_probes,
                            4096, score_groups),
         command=command, seq_len=seq_len, max_samples=max_samples, batch_size=batch_size, perturb=perturb is not None,
-        conditions=1 + len(o.parse_controls(controls)), seeds=len(o.parse_seeds(seeds)),
+        bottom_k="bottom_k" in o.parse_controls(controls),
+        control_sets=control_sets if "random_k" in o.parse_controls(controls) else 0, seeds=len(o.parse_seeds(seeds)),
         stability_check=stability_check, stability_fraction=stability_fraction,
         device_memory=parse_size(device_memory))
     if json_output:

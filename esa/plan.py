@@ -36,6 +36,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from esa.errors import EsaError
+from esa.scoring import needs_double_backward
 from esa.tensors import TensorInfo
 
 GiB = 1 << 30
@@ -45,7 +46,7 @@ MAX_BATCH = 64
 GPU_FLOPS = 4.0e14
 CPU_FLOPS = 1.0e11
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
-SLOWDOWN = {"grad_x_weight": 1.1, "grad_squared": 1.1, "act_mag": 1 / 3, "magnitude": 0.0}
+SLOWDOWN = {"grad_x_weight": 1.1, "grad_squared": 1.1, "taylor": 1.1, "act_mag": 1 / 3, "magnitude": 0.0}
 PARTS = ("weights", "score_buffers", "gradients", "probes", "activations", "logits", "workspace")
 
 
@@ -78,7 +79,8 @@ class Workload:
     attention: str = "sdpa"  # eager for the second-order metrics
     hutchinson_probes: int = 8
     perturb: bool = False
-    conditions: int = 3  # super + controls
+    bottom_k: bool = True  # a bottom_k trial per seed
+    control_sets: int = 39  # random_k control sets, one evaluation each (0: no random_k)
     seeds: int = 3
     stability_check: bool = False
     stability_fraction: float = 0.5
@@ -182,12 +184,12 @@ def score_parts(shape: ModelShape, w: Workload, batch: int, groups: int) -> dict
     parts = evaluate_parts(shape, w, batch) if w.metric != "magnitude" else {
         **evaluate_parts(shape, w, batch), "activations": 0, "logits": 0}
     parts["score_buffers"] = 4 * max(group_sizes(shape, groups), default=0)
-    if w.metric in ("grad_x_weight", "grad_squared"):
+    if w.metric in ("grad_x_weight", "grad_squared", "taylor"):
         parts["gradients"] = largest * s
         parts["activations"] = int(tokens * activation_bytes_per_token(shape, w, backward=True))
-    elif w.metric in ("hutchinson_diag", "hessian_diag"):
+    elif needs_double_backward(w.metric):
         parts["gradients"] = scored * s + largest * s
-        parts["probes"] = 2 * largest * s if w.metric == "hutchinson_diag" else 0
+        parts["probes"] = 2 * largest * s if w.metric in ("hutchinson_diag", "obd") else 0
         parts["activations"] = int(2 * tokens * activation_bytes_per_token(shape, w, backward=True))
     return parts
 
@@ -204,7 +206,7 @@ def _seconds(shape: ModelShape, w: Workload, windows: float, factor: float) -> f
 
 
 def score_factor(w: Workload) -> float:
-    if w.metric == "hutchinson_diag":
+    if w.metric in ("hutchinson_diag", "obd"):
         return 3.9 + 2.7 * (w.hutchinson_probes - 1)
     return SLOWDOWN.get(w.metric, 3.9)
 
@@ -240,7 +242,9 @@ def plan(shape: ModelShape, w: Workload, device_memory: int) -> Plan:
     for name in phases_of(w):
         if name in ("baseline", "trials"):
             batch, parts = _choose(lambda b: evaluate_parts(shape, w, b), usable, w.batch_size, max_batch)
-            windows = (w.n_windows or 0) * (1 if name == "baseline" else 1 + w.conditions * w.seeds)
+            # perturb: the baseline again, per seed the super set (and bottom_k), then the control sets
+            trials = 1 + w.seeds * (1 + w.bottom_k) + w.control_sets
+            windows = (w.n_windows or 0) * (1 if name == "baseline" else trials)
             phases.append(Phase(name, batch, 1, parts, _seconds(shape, w, windows, 1 / 3)))
             continue
         candidates = [w.score_groups] if w.score_groups else range(1, max(1, len(shape.tensors)) + 1)
@@ -320,7 +324,8 @@ def _duration(seconds: float) -> str:
 
 
 def plan_command(model_cfg, sel, *, command: str = "run", seq_len: int | None = None, max_samples: int | None = None,
-                 batch_size: int | None = None, perturb: bool = False, conditions: int = 3, seeds: int = 3,
+                 batch_size: int | None = None, perturb: bool = False, bottom_k: bool = True,
+                 control_sets: int = 39, seeds: int = 3,
                  stability_check: bool = False, stability_fraction: float = 0.5, device_memory: int,
                  device: str = "cuda") -> tuple[Plan, ModelShape, Workload]:
     """Plan a command from its flags (``model_cfg``: :class:`esa.config.ModelConfig`, ``sel``:
@@ -345,8 +350,9 @@ def plan_command(model_cfg, sel, *, command: str = "run", seq_len: int | None = 
         command=command, metric=sel.metric, seq_len=seq_len or default_seq_len(context), n_windows=max_samples,
         batch_size=batch_size, score_groups=sel.score_groups, dtype_bytes=DTYPES[dtype].itemsize if hasattr(
             DTYPES[dtype], "itemsize") else torch.empty(0, dtype=DTYPES[dtype]).element_size(),
-        attention="eager" if sel.metric in ("hutchinson_diag", "hessian_diag") else "sdpa",
-        hutchinson_probes=sel.hutchinson_probes, perturb=perturb, conditions=conditions, seeds=seeds,
+        attention="eager" if needs_double_backward(sel.metric) else "sdpa",
+        hutchinson_probes=sel.hutchinson_probes, perturb=perturb, bottom_k=bottom_k, control_sets=control_sets,
+        seeds=seeds,
         stability_check=stability_check, stability_fraction=stability_fraction, device=device)
     shape = shape_of(model, scored)
     return plan(shape, workload, device_memory), shape, workload
@@ -357,7 +363,7 @@ def plan_loaded(model, scored: list[TensorInfo], *, command: str, metric: str, s
                 device_memory: int = 1 << 62) -> Plan:
     """The plan of a loaded model (by default with no device limit)."""
     p = next(iter(model.parameters()))
-    attention = "eager" if metric in ("hutchinson_diag", "hessian_diag") else "sdpa"
+    attention = "eager" if needs_double_backward(metric) else "sdpa"
     w = Workload(command=command, metric=metric, seq_len=seq_len, n_windows=n_windows, batch_size=batch_size,
                  score_groups=score_groups, dtype_bytes=p.element_size(), attention=attention,
                  hutchinson_probes=hutchinson_probes, device="cuda" if device.startswith("cuda") else "cpu")

@@ -73,14 +73,14 @@ class WeightSet:
 class Candidates:
     """The exact best ``len(values)`` scores of one tensor in the total order above (CPU tensors): ``values`` the
     ranked values (float32: |S| for a signed metric), ``index`` the flat indices (int64), ``reported`` the scores
-    to report (signed for a signed metric, else ``values``), ``unused`` the tensor's zero-score weights that a
-    bottom-k left out (0 when none was). A prefix of the best m is the best m' < m, so one selection serves
+    to report (signed for a signed metric, else ``values``), ``unused`` the number of the tensor's zero-score
+    weights that a bottom-k left out (None when it did not leave them out). A prefix of the best m is the best m' < m, so one selection serves
     several k."""
 
     values: torch.Tensor
     index: torch.Tensor
     reported: torch.Tensor
-    unused: int = 0
+    unused: int | None = None
 
     def head(self, k: int) -> "Candidates":
         return Candidates(self.values[:k], self.index[:k], self.reported[:k], self.unused)
@@ -96,7 +96,7 @@ def tensor_candidates(name: str, score: torch.Tensor, k: int, *, largest: bool =
                        "(check the baseline, or try --dtype float32)")
     view = ranking_view(score, metric)
     skip_unused = skip_unused and not largest
-    unused = int((view == 0).sum()) if skip_unused else 0
+    unused = int((view == 0).sum()) if skip_unused else None
     if unused:  # a transient copy of one tensor's ranked values; +inf never reaches a bottom-k before a used weight
         view = view.masked_fill(view == 0, math.inf)
     values, idx = topk(view, min(k, score.numel()), largest=largest)
@@ -140,8 +140,8 @@ def merge_candidates(infos: list[TensorInfo], candidates: dict[str, Candidates],
     kind = "top_k" if largest else "bottom_k"
     cands = {t.name: candidates[t.name].head(min(k, t.numel)) for t in infos}
     meta: dict = {"mode": mode, "k": k}
-    if not largest and any(c.unused for c in cands.values()):
-        meta["unused_left_out"] = sum(c.unused for c in cands.values())
+    if not largest and any(c.unused is not None for c in cands.values()):
+        meta["unused_left_out"] = sum(c.unused or 0 for c in cands.values())
     if mode == "per_layer":
         names, flat, vals, ranks = [], [], [], []
         for info in infos:
