@@ -275,8 +275,14 @@ def _first_order(model, params, scores, batches, device, metric) -> None:
             bar.advance()
 
 
-def _hutchinson(model, params, scores, batches, device, probes: int, seed: int) -> None:
-    """Accumulate z ⊙ (H z) into ``scores`` (a subset of ``params``); z spans every tensor of ``params``."""
+def _probe_hessian(model, params, scores, batches, device, probes: int, seed: int, *, label: str,
+                   fold_hz: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None],
+                   loss_share: Callable[[int], float] | None = None,
+                   on_gradients: Callable[[list[torch.Tensor]], None] | None = None) -> None:
+    """The double-backward loop of the Hutchinson estimator: per batch b, g = ∇(s_b·L_b) with its graph (s_b =
+    ``loss_share(b)``, else 1), ``on_gradients(g)``, then per probe z (Rademacher over every tensor of ``params``,
+    drawn again per tensor, never a full set in memory) H z = d/dw (g · z), delivered tensor by tensor to
+    ``fold_hz(name, Hz, p, z)`` for the tensors of ``scores`` (a subset of ``params``)."""
     if probes < 1:
         raise EsaError(f"--hutchinson-probes must be at least 1 (got {probes})")
     names, plist = list(params), list(params.values())
@@ -284,18 +290,30 @@ def _hutchinson(model, params, scores, batches, device, probes: int, seed: int) 
 
     def fold(name: str, hz: torch.Tensor, p: torch.Tensor) -> None:
         if name in scores:
-            accumulate_("product", scores[name], rademacher_like(p, seed, name, *key), hz)
+            fold_hz(name, hz, p, rademacher_like(p, seed, name, *key))
 
-    with fold_gradients(params, fold), progress_bar("scoring (hutchinson_diag)", total=len(batches) * probes) as bar:
+    with fold_gradients(params, fold), progress_bar(f"scoring ({label})", total=len(batches) * probes) as bar:
         for b, batch in enumerate(batches):
-            grads = torch.autograd.grad(batch_loss(model, batch.to(device)), plist, create_graph=True)
+            loss = batch_loss(model, batch.to(device))
+            grads = torch.autograd.grad(loss if loss_share is None else loss * loss_share(b), plist,
+                                        create_graph=True)
+            if on_gradients is not None:
+                on_gradients(grads)
             for i in range(probes):
                 key[:] = [b, i]
-                # d/dw (g · z) = H z, delivered tensor by tensor to the post-accumulate hooks.
                 g_dot_z = sum(_ProbeDot.apply(g, (seed, n, b, i)) for n, g in zip(names, grads))
                 g_dot_z.backward(retain_graph=i < probes - 1)
                 bar.advance()
             del grads
+
+
+def _hutchinson(model, params, scores, batches, device, probes: int, seed: int) -> None:
+    """Accumulate z ⊙ (H z) into ``scores`` (a subset of ``params``); z spans every tensor of ``params``."""
+
+    def fold_hz(name: str, hz: torch.Tensor, p: torch.Tensor, z: torch.Tensor) -> None:
+        accumulate_("product", scores[name], z, hz)
+
+    _probe_hessian(model, params, scores, batches, device, probes, seed, label="hutchinson_diag", fold_hz=fold_hz)
 
 
 def _mean_loss_share(batches: list[torch.Tensor], b: int) -> float:
@@ -322,33 +340,21 @@ def _obd(model, params, scores, batches, device, probes: int, seed: int) -> None
     double-backward pass per batch; the probe spans every tensor of ``params``, as in :func:`_hutchinson`.
 
     With l_b = (n_b/N) L_b: the gradient g'_b = ∇l_b gives the first-order term (folded with ``product`` against
-    −w); each probe's H'_b z arrives through the post-accumulate hooks and is folded against z ⊙ w² / (2m), z drawn
-    again for one tensor at a time (never a full probe set in memory).
+    −w); each probe's H'_b z is folded against z ⊙ w² / (2m), built in fp32 for one tensor at a time.
     """
-    if probes < 1:
-        raise EsaError(f"--hutchinson-probes must be at least 1 (got {probes})")
-    names, plist = list(params), list(params.values())
-    key: list = []  # (batch, probe) of the probe being folded
+    names = list(params)
 
-    def fold(name: str, hz: torch.Tensor, p: torch.Tensor) -> None:
-        if name in scores:
-            w = p.detach().float()
-            z = rademacher_like(p, seed, name, *key).float()
-            accumulate_("product", scores[name], z * w * w * (0.5 / probes), hz)
+    def first_order(grads: list[torch.Tensor]) -> None:
+        for name, g in zip(names, grads):
+            if name in scores:
+                accumulate_("product", scores[name], g.detach(), params[name].detach().neg())
 
-    with fold_gradients(params, fold), progress_bar("scoring (obd)", total=len(batches) * probes) as bar:
-        for b, batch in enumerate(batches):
-            loss = batch_loss(model, batch.to(device)) * _mean_loss_share(batches, b)
-            grads = torch.autograd.grad(loss, plist, create_graph=True)
-            for name, g in zip(names, grads):
-                if name in scores:
-                    accumulate_("product", scores[name], g.detach(), params[name].detach().neg())
-            for i in range(probes):
-                key[:] = [b, i]
-                g_dot_z = sum(_ProbeDot.apply(g, (seed, n, b, i)) for n, g in zip(names, grads))
-                g_dot_z.backward(retain_graph=i < probes - 1)
-                bar.advance()
-            del grads
+    def fold_hz(name: str, hz: torch.Tensor, p: torch.Tensor, z: torch.Tensor) -> None:
+        w = p.detach().float()
+        accumulate_("product", scores[name], z.float() * w * w * (0.5 / probes), hz)
+
+    _probe_hessian(model, params, scores, batches, device, probes, seed, label="obd", fold_hz=fold_hz,
+                   loss_share=lambda b: _mean_loss_share(batches, b), on_gradients=first_order)
 
 
 def _hessian_diag(model, params, scores, batches, device) -> None:
