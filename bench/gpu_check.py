@@ -285,7 +285,8 @@ def summary_markdown(report: dict) -> str:
                 lines += [model["layers_note"], ""]
         rows = [{"measure": k, **v} for k, v in measured.items() if k != "model"]
         if rows:
-            lines += _table(rows, ["measure", "ms", "tokens_per_s", "peak_gib", "reference", "ratio", "note"]) + [""]
+            lines += _table(rows, ["measure", "ms", "tokens_per_s", "peak_gib", "planned_peak_gib", "planned_over_measured",
+                                  "reference", "ratio", "note"]) + [""]
     errors = {k: v for k, v in steps.items() if v.get("status") in ("failed", "error", "timeout")}
     if errors:
         lines += ["## Problems", ""]
@@ -529,13 +530,58 @@ def end_to_end_child(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         result = run_profile(cfg, session=session)
         ms = (time.perf_counter() - start) * 1e3
-        timings = json.loads((Path(result["out_dir"]) / "experiment_manifest.json").read_text()).get("timings_s", {})
-        phases = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if k != "total")
-        return _rate(ms, tokens, fb_ms, "forward+backward",
-                     f"esa profile --metric grad_x_weight --mode global --topk 100, one run: {phases}")
+        manifest = json.loads((Path(result["out_dir"]) / "experiment_manifest.json").read_text())
+        phases = ", ".join(f"{k} {v:.2f} s" for k, v in manifest.get("timings_s", {}).items() if k != "total")
+        return {**_rate(ms, tokens, fb_ms, "forward+backward",
+                        f"esa profile --metric grad_x_weight --mode global --topk 100, one run: {phases}"),
+                **_plan_vs_measured(manifest)}
 
     measure("esa profile grad_x_weight", profile)
+
+    def hutchinson() -> dict:
+        """The heaviest metric (a double backward through eager attention) on the runbook's command-4 tensors, at
+        the longest window the plan says fits, against the plan's peak."""
+        from esa.plan import plan_loaded
+
+        include = ["*layers.[0-3].mlp.*"]
+        sel = SelectionConfig(metric="hutchinson_diag", mode="per_layer", topk=100, include=include,
+                              hutchinson_probes=1, score_groups=1)
+        scored = [t for t, _ in select_tensors(model, include=include)]
+        total = torch.cuda.get_device_properties(device).total_memory if cuda else 1 << 62
+        tried = {}
+        for s in (seq_len, seq_len // 2, seq_len // 4):
+            p = plan_loaded(model, scored, command="profile", metric="hutchinson_diag", seq_len=s, n_windows=1,
+                            batch_size=1, score_groups=1, hutchinson_probes=1, device=str(device),
+                            device_memory=total)
+            tried[s] = round(p.peak_bytes / 2**30, 2)
+            if p.fits:
+                break
+        else:
+            return {"note": f"the plan fits no window of {list(tried)} tokens (planned GiB {tried})"}
+        h_windows = make_windows(ids, s, max_samples=1, seed=0, max_positions=loaded.max_positions)
+        h_session = Session(loaded=loaded, corpus=corpus, windows=h_windows)
+        cfg = ProfileConfig(model=model_cfg, data=DataConfig(**{**vars(data), "seq_len": s, "max_samples": 1}),
+                            selection=sel, out_dir=str(run_dir / "profile_hutchinson"), overwrite=True)
+        start = time.perf_counter()
+        result = run_profile(cfg, session=h_session)
+        ms = (time.perf_counter() - start) * 1e3
+        manifest = json.loads((Path(result["out_dir"]) / "experiment_manifest.json").read_text())
+        return {**_rate(ms, h_windows.input_ids.numel()), **_plan_vs_measured(manifest),
+                "note": f"esa profile --metric hutchinson_diag --include '{include[0]}' --hutchinson-probes 1, "
+                        f"1 window of {s} tokens (planned peak GiB by window length: {tried})"}
+
+    measure("esa profile hutchinson_diag", hutchinson)
     return 0
+
+
+def _plan_vs_measured(manifest: dict) -> dict:
+    """A run manifest's planned peak (esa.plan) next to its measured one."""
+    memory = manifest.get("memory", {})
+    planned, measured = memory.get("planned_peak_bytes"), memory.get("measured_peak_bytes")
+    if not planned or not measured:
+        return {}
+    return {"planned_peak_gib": round(planned / 2**30, 2), "run_measured_peak_gib": round(measured / 2**30, 2),
+            "planned_over_measured": round(planned / measured, 3)}
 
 
 def _rate(ms: float, tokens: int, reference_ms: float | None = None, reference: str | None = None,

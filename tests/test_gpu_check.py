@@ -95,8 +95,11 @@ def test_tiny_dry_run_goes_through_every_step(tmp_path: Path, capsys: pytest.Cap
     assert all(f["rows"] and f["peak_gbps"] > 0 for f in families.values())
     measured = steps["end_to_end"]["measured"]
     expected = {"model", "forward+backward", "profile scoring grad_x_weight", "one evaluation",
-                "apply+restore k=100 +verify", "apply+restore k=100", "baseline (runbook)", "esa profile grad_x_weight"}
+                "apply+restore k=100 +verify", "apply+restore k=100", "baseline (runbook)", "esa profile grad_x_weight",
+                "esa profile hutchinson_diag"}
     assert set(measured) == expected
+    for name in ("esa profile grad_x_weight", "esa profile hutchinson_diag"):  # the plan next to the measured peak
+        assert measured[name]["planned_over_measured"] > 0, measured[name]
     errors = {k: v["note"] for k, v in measured.items() if str(v.get("note", "")).startswith("error")}
     assert not errors, errors
     assert measured["model"]["layers"] == 2 and measured["model"]["seq_len"] == 32
