@@ -16,10 +16,13 @@ step records its error and the next one runs, a step with no time left is skippe
 4. ``end_to_end``: a random-weight model built from ``../shared/models/configs/llama-3.1-8b`` (the same numbers
    are built in for machines without ``../shared``) in bf16, initialised directly on the GPU, windows of 2048
    tokens, batch 1 (the runbook's settings), text tokenized with esa's embedded tokenizer: plain forward + backward
-   (every gradient kept), esa's grad_x_weight scoring and the whole ``esa profile --metric grad_x_weight --mode
-   global --topk 100`` path (their overhead over forward + backward), tokens per second and peak memory of each,
-   apply + restore of the top-100 against one evaluation, and the runbook's baseline (``esa baseline``:
-   WikiText-2 test when ``../shared/data`` has it, else the embedded text; 64 windows). Layers are dropped when the
+   (every gradient kept), esa's grad_x_weight scoring and the whole ``esa profile --metric grad_x_weight --topk
+   100`` path in ``--mode per_layer`` and ``--mode global`` (their overhead over forward + backward), tokens per
+   second and peak memory of each, apply + restore of the top-100 against one evaluation, the runbook's baseline
+   (``esa baseline``: WikiText-2 test when ``../shared/data`` has it, else the embedded text; 64 windows), and
+   ``esa profile --metric hutchinson_diag --mode global`` on one window: every weight matrix at the full window when
+   the plan says it fits (its score groups), else runbook command 4's tensors at the longest window that fits.
+   Each profile run's planned peak (``esa plan``) is reported next to its measured one. Layers are dropped when the
    model would not fit in memory, and the number kept is reported. Each measurement is saved as it completes.
 
 Writes ``gpu_check.json`` (everything, partial results included) and ``gpu_check.md`` (the summary, also printed)
@@ -523,41 +526,48 @@ def end_to_end_child(args: argparse.Namespace) -> int:
 
     measure("baseline (runbook)", baseline)
 
-    def profile() -> dict:
-        cfg = ProfileConfig(model=model_cfg, data=DataConfig(**{**vars(data), "max_samples": timing_windows}),
-                            selection=SelectionConfig(metric="grad_x_weight", mode="global", topk=100),
-                            out_dir=str(run_dir / "profile"), overwrite=True)
-        start = time.perf_counter()
-        result = run_profile(cfg, session=session)
-        ms = (time.perf_counter() - start) * 1e3
-        manifest = json.loads((Path(result["out_dir"]) / "experiment_manifest.json").read_text())
-        phases = ", ".join(f"{k} {v:.2f} s" for k, v in manifest.get("timings_s", {}).items() if k != "total")
-        return {**_rate(ms, tokens, fb_ms, "forward+backward",
-                        f"esa profile --metric grad_x_weight --mode global --topk 100, one run: {phases}"),
-                **_plan_vs_measured(manifest)}
+    def profile(mode: str) -> Callable[[], dict]:
+        def run() -> dict:
+            cfg = ProfileConfig(model=model_cfg, data=DataConfig(**{**vars(data), "max_samples": timing_windows}),
+                                selection=SelectionConfig(metric="grad_x_weight", mode=mode, topk=100),
+                                out_dir=str(run_dir / f"profile_{mode}"), overwrite=True)
+            start = time.perf_counter()
+            result = run_profile(cfg, session=session)
+            ms = (time.perf_counter() - start) * 1e3
+            manifest = json.loads((Path(result["out_dir"]) / "experiment_manifest.json").read_text())
+            phases = ", ".join(f"{k} {v:.2f} s" for k, v in manifest.get("timings_s", {}).items() if k != "total")
+            return {**_rate(ms, tokens, fb_ms, "forward+backward",
+                            f"esa profile --metric grad_x_weight --mode {mode} --topk 100, one run: {phases}"),
+                    **_plan_vs_measured(manifest)}
 
-    measure("esa profile grad_x_weight", profile)
+        return run
+
+    measure("esa profile grad_x_weight per_layer", profile("per_layer"))
+    measure("esa profile grad_x_weight global", profile("global"))
 
     def hutchinson() -> dict:
-        """The heaviest metric (a double backward through eager attention) on the runbook's command-4 tensors, at
-        the longest window the plan says fits, against the plan's peak."""
+        """The heaviest metric (second order) with ``--mode global``: over every weight matrix at the full window
+        when the plan says it fits (score groups from the plan), else on runbook command 4's tensors at the longest
+        window the plan says fits; measured against the plan's peak."""
         from esa.plan import plan_loaded
 
-        include = ["*layers.[0-3].mlp.*"]
-        sel = SelectionConfig(metric="hutchinson_diag", mode="per_layer", topk=100, include=include,
-                              hutchinson_probes=1, score_groups=1)
-        scored = [t for t, _ in select_tensors(model, include=include)]
         total = torch.cuda.get_device_properties(device).total_memory if cuda else 1 << 62
-        tried = {}
-        for s in (seq_len, seq_len // 2, seq_len // 4):
-            p = plan_loaded(model, scored, command="profile", metric="hutchinson_diag", seq_len=s, n_windows=1,
-                            batch_size=1, score_groups=1, hutchinson_probes=1, device=str(device),
-                            device_memory=total)
-            tried[s] = round(p.peak_bytes / 2**30, 2)
+        tried: dict = {}
+        for include in ([], ["*layers.[0-3].mlp.*"]):
+            scored = [t for t, _ in select_tensors(model, include=include)]
+            for s in (seq_len, seq_len // 2, seq_len // 4):
+                p = plan_loaded(model, scored, command="profile", metric="hutchinson_diag", seq_len=s, n_windows=1,
+                                batch_size=1, score_groups=None, hutchinson_probes=1, device=str(device),
+                                device_memory=total)
+                tried[f"{include[0] if include else 'all'} @ {s}"] = round(p.peak_bytes / 2**30, 2)
+                if p.fits:
+                    break
             if p.fits:
                 break
         else:
-            return {"note": f"the plan fits no window of {list(tried)} tokens (planned GiB {tried})"}
+            return {"note": f"the plan fits none of these (planned GiB): {tried}"}
+        sel = SelectionConfig(metric="hutchinson_diag", mode="global", topk=100, include=include,
+                              hutchinson_probes=1, score_groups=p.score_groups)
         h_windows = make_windows(ids, s, max_samples=1, seed=0, max_positions=loaded.max_positions)
         h_session = Session(loaded=loaded, corpus=corpus, windows=h_windows)
         cfg = ProfileConfig(model=model_cfg, data=DataConfig(**{**vars(data), "seq_len": s, "max_samples": 1}),
@@ -566,11 +576,14 @@ def end_to_end_child(args: argparse.Namespace) -> int:
         result = run_profile(cfg, session=h_session)
         ms = (time.perf_counter() - start) * 1e3
         manifest = json.loads((Path(result["out_dir"]) / "experiment_manifest.json").read_text())
+        phases = ", ".join(f"{k} {v:.2f} s" for k, v in manifest.get("timings_s", {}).items() if k != "total")
+        flags = f" --include '{include[0]}'" if include else ""
         return {**_rate(ms, h_windows.input_ids.numel()), **_plan_vs_measured(manifest),
-                "note": f"esa profile --metric hutchinson_diag --include '{include[0]}' --hutchinson-probes 1, "
-                        f"1 window of {s} tokens (planned peak GiB by window length: {tried})"}
+                "note": f"esa profile --metric hutchinson_diag --mode global{flags} --hutchinson-probes 1 "
+                        f"--score-groups {p.score_groups}, 1 window of {s} tokens: {phases} "
+                        f"(planned peak GiB tried: {tried})"}
 
-    measure("esa profile hutchinson_diag", hutchinson)
+    measure("esa profile hutchinson_diag global", hutchinson)
     return 0
 
 

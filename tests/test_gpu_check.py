@@ -95,10 +95,10 @@ def test_tiny_dry_run_goes_through_every_step(tmp_path: Path, capsys: pytest.Cap
     assert all(f["rows"] and f["peak_gbps"] > 0 for f in families.values())
     measured = steps["end_to_end"]["measured"]
     expected = {"model", "forward+backward", "profile scoring grad_x_weight", "one evaluation",
-                "apply+restore k=100 +verify", "apply+restore k=100", "baseline (runbook)", "esa profile grad_x_weight",
-                "esa profile hutchinson_diag"}
+                "apply+restore k=100 +verify", "apply+restore k=100", "baseline (runbook)", "esa profile grad_x_weight per_layer",
+                "esa profile grad_x_weight global", "esa profile hutchinson_diag global"}
     assert set(measured) == expected
-    for name in ("esa profile grad_x_weight", "esa profile hutchinson_diag"):  # the plan next to the measured peak
+    for name in ("esa profile grad_x_weight per_layer", "esa profile hutchinson_diag global"):  # the plan next to the measured peak
         assert measured[name]["planned_over_measured"] > 0, measured[name]
     errors = {k: v["note"] for k, v in measured.items() if str(v.get("note", "")).startswith("error")}
     assert not errors, errors
@@ -108,6 +108,6 @@ def test_tiny_dry_run_goes_through_every_step(tmp_path: Path, capsys: pytest.Cap
     # A random model predicts about uniformly: its perplexity is about the vocabulary size (not a leak, not ~1).
     base = measured["baseline (runbook)"]
     assert 0.5 * base["uniform_guess_ppl"] < base["ppl"] < 2 * base["uniform_guess_ppl"]
-    assert (tmp_path / "gpu_check_runs" / "profile" / "top_weights.csv").exists()
+    assert (tmp_path / "gpu_check_runs" / "profile_per_layer" / "top_weights.csv").exists()
     assert (tmp_path / "gpu_check_runs" / "baseline" / "metrics.json").exists()
     assert "## End to end" in printed and "esa profile grad_x_weight" in printed
