@@ -3,7 +3,7 @@
 For every pair of runs A, B (their ``top_weights.csv``):
 - overlap@k = |A ∩ B| / min(|A|, |B|) and Jaccard = |A ∩ B| / |A ∪ B|;
 - Spearman rank correlation on the union U = A ∪ B. When both runs saved every score (``--save-scores``) the
-  ranks are those of the exact scores over U. Otherwise an element missing from a run's top-k gets that run's
+  ranks are those of the exact scores over U — of |S| for the signed metrics (taylor, obd), which rank by |S|. Otherwise an element missing from a run's top-k gets that run's
   tied rank |run| + 1 ("below the list"), the usual convention for comparing top-k lists; the result says which.
 
 Files: ``compare.json`` and ``overlap.csv`` / ``jaccard.csv`` / ``spearman.csv`` (square matrices), written
@@ -21,6 +21,7 @@ from scipy import stats as sps
 from esa.errors import EsaError
 from esa.profile import read_weights
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, is_finished, read_json
+from esa.scoring import SIGNED
 from esa.selection import WeightSet, jaccard, overlap_at_k
 
 
@@ -36,7 +37,8 @@ def load_run(run_dir: Path) -> dict:
     label = f"{sel.get('metric', '?')}/{sel.get('mode', '?')}@{sel.get('topk', '?')}"
     return {"dir": run_dir, "label": label, "top": read_weights(run_dir / "top_weights.csv"),
             "model_id": manifest.get("model", {}).get("model_id"),
-            "scores": run_dir / "scores.safetensors" if (run_dir / "scores.safetensors").exists() else None}
+            "scores": run_dir / "scores.safetensors" if (run_dir / "scores.safetensors").exists() else None,
+            "signed": sel.get("metric") in SIGNED}
 
 
 def _exact_scores(path: Path, union: list[tuple[str, int]]) -> np.ndarray:
@@ -57,13 +59,19 @@ def _exact_scores(path: Path, union: list[tuple[str, int]]) -> np.ndarray:
     return out
 
 
+def _ranked_scores(run: dict, union: list[tuple[str, int]]) -> np.ndarray:
+    """The scores a run ranks by over ``union``: S, or |S| for a signed metric."""
+    scores = _exact_scores(run["scores"], union)
+    return np.abs(scores) if run.get("signed") else scores
+
+
 def rank_correlation(a: dict, b: dict) -> dict:
     """Spearman ρ on the union of the two top-k sets (see the module docstring)."""
     union = sorted(a["top"].keys() | b["top"].keys())
     if len(union) < 3:
         return {"spearman": float("nan"), "basis": "too few weights"}
     if a["scores"] is not None and b["scores"] is not None:
-        sa, sb = _exact_scores(a["scores"], union), _exact_scores(b["scores"], union)
+        sa, sb = (_ranked_scores(run, union) for run in (a, b))
         if np.isfinite(sa).all() and np.isfinite(sb).all():
             return {"spearman": float(sps.spearmanr(sa, sb).statistic), "basis": "exact scores on the union"}
 

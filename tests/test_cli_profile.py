@@ -153,3 +153,17 @@ def test_tensors_command_lists_components():
     result = run("tensors", "--include", "*layers.0.*")
     assert result.exit_code == 0, result.output
     assert "mlp.down" in result.output and "attn.q" in result.output
+
+
+def test_compare_ranks_a_signed_metric_by_its_magnitude(tmp_path):
+    """taylor ranks by |S| = |Ḡ ⊙ w|; on one batch that is grad_x_weight's |g ⊙ w|, so the exact-score Spearman is 1
+    (on the raw signed S it would not be: half of the union has S < 0)."""
+    one_batch = ["--max-samples", "2", "--batch-size", "2", "--seq-len", "32"]
+    for metric in ("grad_x_weight", "taylor"):
+        assert run("profile", "--metric", metric, "--mode", "global", "--topk", "40", *one_batch, "--save-scores",
+                   "--out-dir", tmp_path / metric).exit_code == 0
+    result = run("compare", tmp_path / "grad_x_weight", tmp_path / "taylor", "--out", tmp_path / "cmp")
+    assert result.exit_code == 0, result.output
+    pair = json.loads((tmp_path / "cmp" / "compare.json").read_text())["pairs"][0]
+    assert pair["basis"] == "exact scores on the union"
+    assert pair["jaccard"] == 1.0 and pair["spearman"] > 0.999, pair
