@@ -472,7 +472,8 @@ def _first(ws: WeightSet, tensors: list[TensorInfo]) -> dict | None:
         return None
     info = {t.name: t for t in tensors}[ws.tensor[0]]
     c = info.coordinates(torch.tensor([int(ws.flat_index[0])]))
-    return {"tensor": ws.tensor[0], "layer": info.layer, "component": info.component,
+    expert = int(c["expert"][0]) if c["expert"] is not None else info.expert
+    return {"tensor": ws.tensor[0], "layer": info.layer, "component": info.component, "expert": expert,
             "row": int(c["row"][0]), "col": None if c["col"] is None else int(c["col"][0]),
             "flat_index": int(ws.flat_index[0]), "score": float(ws.score[0])}
 

@@ -273,7 +273,7 @@ def test_every_metric_profiles_the_tiny_mixtral(profiles, metric):
 def test_every_perturbation_runs_on_the_tiny_mixtral_with_controls(profiles, mixtral_dir, text, tmp_path, kind, extra):
     _, profile = profiles["grad_x_weight"]
     result = runner.invoke(app, ["perturb", "--model", str(mixtral_dir), *FAST, *text, "--from-profile", str(profile),
-                                 "--perturb", kind, *extra, "--seeds", "0", "--control-sets", "3",
+                                 "--perturb", kind, *extra, "--seeds", "0", "--control-sets", "2",
                                  "--n-bootstrap", "100", "--out-dir", str(tmp_path / kind)])
     assert result.exit_code == 0, result.output
     from esa.runio import read_json
@@ -283,3 +283,24 @@ def test_every_perturbation_runs_on_the_tiny_mixtral_with_controls(profiles, mix
     for name, c in conditions.items():
         assert c["n_weights"] == 20 and math.isfinite(c["ppl"]), (name, c)
     assert conditions["super"]["delta_ppl"] != 0
+
+
+def test_report_has_a_per_expert_section(profiles, tmp_path):
+    from esa.report.build import write_report
+    from esa.runio import read_json
+
+    runs = [profiles[m][1] for m in ("grad_x_weight", "hessian_diag")]
+    summary = write_report(runs, tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert md.count("Experts holding the most top-k weights") == 1  # not for the run that scored only a router
+    for run in runs[:1]:
+        key = run.name
+        assert {f"figures/experts_count_{key}.png", f"figures/experts_mass_{key}.png"} <= set(summary["figures"])
+        table = rows(run / "experts.csv")
+        best = max(table, key=lambda r: (int(r["topk_count"]), float(r["layer_mass_share"])))
+        even = f"| {best['layer']} | {best['expert']} | {best['topk_count']} |"
+        assert even in md, even  # the table's first row is the expert with the most top-k weights
+    assert "| expert |" in md  # the top-weights tables name the expert of a fused stack's weight
+    top1 = read_json(runs[0] / "metrics.json")["top1"]
+    first = rows(runs[0] / "top_weights.csv")[0]
+    assert top1["expert"] == (int(first["expert"]) if first["expert"] else None)
