@@ -22,7 +22,7 @@ from esa.tensors import TensorInfo, describe_parameters, select_tensors
 from helpers import save_model
 
 EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 4, 2, 64, 128
-FAST = ["--seq-len", "32", "--max-samples", "4", "--batch-size", "2"]
+FAST = ["--seq-len", "32", "--max-samples", "4", "--batch-size", "4"]
 MLP = ["--include", "*mlp.*"]  # routers and expert stacks: the tensors under test, and quick tail statistics
 runner = CliRunner()
 
@@ -304,3 +304,27 @@ def test_report_has_a_per_expert_section(profiles, tmp_path):
     top1 = read_json(runs[0] / "metrics.json")["top1"]
     first = rows(runs[0] / "top_weights.csv")[0]
     assert top1["expert"] == (int(first["expert"]) if first["expert"] else None)
+
+
+def test_perturb_weights_inside_one_expert_from_a_coordinates_file(mixtral_dir, text, tmp_path):
+    name = "model.layers.0.mlp.experts.down_proj"
+    weights = tmp_path / "one_expert.csv"
+    weights.write_text(f"tensor,expert,row,col\n{name},2,3,5\n{name},2,60,127\n")
+    result = runner.invoke(app, ["perturb", "--model", str(mixtral_dir), *FAST, *text, "--weights", str(weights),
+                                 "--perturb", "sign_flip", "--controls", "random_k", "--control-sets", "2",
+                                 "--seeds", "0", "--n-bootstrap", "100", "--out-dir", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    chosen = rows(tmp_path / "p" / "sets" / "super_seed0.csv")
+    assert [int(r["flat_index"]) for r in chosen] == [_flat(2, 3, 5, (EXPERTS, HIDDEN, INTERMEDIATE)),
+                                                      _flat(2, 60, 127, (EXPERTS, HIDDEN, INTERMEDIATE))]
+    assert [(r["expert"], r["row"], r["col"]) for r in chosen] == [("2", "3", "5"), ("2", "60", "127")]
+
+
+def test_act_mag_of_an_expert_stack_does_not_depend_on_the_score_group():
+    model = tiny_mixtral()
+    windows = ids(2, 12)
+    tensors = select_tensors(model, include=["*layers.1.mlp.*"])
+    whole = compute_scores(model, tensors, windows, "act_mag", batch_size=2)
+    for group in (["model.layers.1.mlp.experts.down_proj"], ["model.layers.1.mlp.experts.gate_up_proj"]):
+        part = compute_scores(model, tensors, windows, "act_mag", batch_size=2, group=group)
+        assert torch.equal(part.scores[group[0]], whole.scores[group[0]]) and set(part.scores) == set(group)
