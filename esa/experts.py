@@ -35,10 +35,16 @@ EXPERTS_HEADER = ("layer", "expert", "topk_count", "topk_share", "score_mass_sha
 
 
 def is_fused_experts(module: torch.nn.Module | None) -> bool:
-    """A transformers-5 fused experts module: 3-D ``gate_up_proj`` and ``down_proj`` parameters."""
+    """A transformers-5 fused experts module in Mixtral's layout: ``gate_up_proj`` [E, 2I, H] (gate rows first),
+    ``down_proj`` [E, H, I], an ``act_fn``. Other layouts (transposed stacks, biases: e.g. GPT-OSS) are not
+    recognised, so that nothing is computed from a misread layout."""
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return (isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter)
-            and gate_up.dim() == 3 and down.dim() == 3)
+    if not (isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter)
+            and gate_up.dim() == 3 and down.dim() == 3 and callable(getattr(module, "act_fn", None))):
+        return False
+    experts, hidden, intermediate = down.shape
+    return tuple(gate_up.shape) == (experts, 2 * intermediate, hidden) and getattr(module, "gate_up_proj_bias",
+                                                                                     None) is None
 
 
 def call_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -328,3 +328,15 @@ def test_act_mag_of_an_expert_stack_does_not_depend_on_the_score_group():
     for group in (["model.layers.1.mlp.experts.down_proj"], ["model.layers.1.mlp.experts.gate_up_proj"]):
         part = compute_scores(model, tensors, windows, "act_mag", batch_size=2, group=group)
         assert torch.equal(part.scores[group[0]], whole.scores[group[0]]) and set(part.scores) == set(group)
+
+
+def test_only_mixtrals_fused_layout_is_read_as_routed_experts():
+    from esa.experts import is_fused_experts
+
+    experts = tiny_mixtral().model.layers[0].mlp.experts
+    assert is_fused_experts(experts)
+    transposed = torch.nn.Module()  # GPT-OSS-like: gate_up_proj [E, H, 2I], down_proj [E, I, H]
+    transposed.gate_up_proj = torch.nn.Parameter(torch.zeros(EXPERTS, HIDDEN, 2 * INTERMEDIATE))
+    transposed.down_proj = torch.nn.Parameter(torch.zeros(EXPERTS, INTERMEDIATE, HIDDEN))
+    transposed.act_fn = torch.nn.SiLU()
+    assert not is_fused_experts(transposed)
