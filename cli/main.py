@@ -182,7 +182,8 @@ def print_profile(metrics: dict, stability: dict | None, out_dir: Path) -> None:
     table.add_row("selected", f"{metrics['selected']:,} (in {metrics['tensors_with_topk']} tensors)")
     top1 = metrics.get("top1")
     if top1:
-        where = f"{top1['tensor']} [{top1['row']}" + ("" if top1["col"] is None else f", {top1['col']}") + "]"
+        lead = "" if top1.get("expert") is None else f"expert {top1['expert']}, "  # a fused expert stack
+        where = f"{top1['tensor']} [{lead}{top1['row']}" + ("" if top1["col"] is None else f", {top1['col']}") + "]"
         table.add_row("top-1 weight", f"{where}  score {top1['score']:.4g}")
     table.add_row("share of score mass in top-k", _fmt(metrics["topk_mass_share"]))
     table.add_row("max / mean score", f"{metrics['max_over_mean']:.4g}")

@@ -45,8 +45,10 @@ def plot_ccdf(curves: dict[str, tuple[np.ndarray, np.ndarray]], metric: str, pat
     return save(fig, path_stem)
 
 
-def plot_heatmap(rows: list[tuple], value_index: int, title: str, path_stem: Path, cbar: str) -> list[Path]:
-    """``rows`` are locations.csv rows (layer, component, count, share, mass share)."""
+def plot_heatmap(rows: list[tuple], value_index: int, title: str, path_stem: Path, cbar: str, *,
+                 xlabel: str = "component") -> list[Path]:
+    """``rows`` are locations.csv rows (layer, component, count, share, mass share), or the same with the expert
+    in place of the component (``xlabel="expert"``)."""
     layers = sorted({r[0] for r in rows if r[0] != ""})
     has_edge = any(r[0] == "" for r in rows)
     ylabels = (["—"] if has_edge else []) + [str(x) for x in layers]
@@ -59,7 +61,7 @@ def plot_heatmap(rows: list[tuple], value_index: int, title: str, path_stem: Pat
     im = ax.imshow(grid, aspect="auto", cmap="magma_r")
     ax.set_xticks(range(len(comps)), comps, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(ylabels)), ylabels, fontsize=8)
-    ax.set_xlabel("component")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("layer (— = outside the blocks)")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label=cbar)

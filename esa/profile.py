@@ -6,6 +6,8 @@ Files in the run directory:
 - ``tensor_stats.csv``: per scored tensor, the statistics of :mod:`esa.tailstats`;
 - ``score_stats.json``: the same for the whole model and per component, plus zero counts;
 - ``locations.csv``: layer × component table of top-k counts and of score mass;
+- ``experts.csv`` (mixture-of-experts models): per layer and expert, top-k count, share of top-k, share of score
+  mass (of the model and of the layer's experts): see :mod:`esa.experts`;
 - ``ccdf.csv``: per component, the score CCDF P(S ≥ x) at up to 400 log-spaced points (what the plots draw);
 - ``metrics.json``: headline numbers (share of top-k in embeddings / lm_head, tail index, stability, and under
   ``bottom_k`` how many unused (zero-score) weights bottom-k left out: see :mod:`esa.selection`);
@@ -32,6 +34,7 @@ from esa import tailstats
 from esa.baseline import begin_run
 from esa.config import ProfileConfig, SelectionConfig, to_dict
 from esa.errors import EsaError
+from esa.experts import EXPERTS_HEADER, expert_mass, expert_rows
 from esa.manifest import Timer, build_manifest
 from esa.plan import planned_groups, predicted_peak, refuse_if_it_cannot_fit
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, prepare_run_dir, read_csv_rows
@@ -60,6 +63,7 @@ class Selection:
     top: WeightSet
     bottom: WeightSet
     summaries: dict[str, tailstats.TensorSummary] = field(default_factory=dict)
+    expert_mass: dict[str, list[float]] = field(default_factory=dict)  # per fused expert stack: Σ|S| per expert
 
 
 def validate_selection(sel: SelectionConfig) -> None:
@@ -104,6 +108,7 @@ class Reduced:
     top: Candidates
     bottom: Candidates
     summary: tailstats.TensorSummary | None
+    expert_mass: list[float] | None = None  # a fused expert stack's Σ|S| per expert (with ``summarize``)
 
 
 def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_unused: bool = True
@@ -124,7 +129,7 @@ def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_
         summary = None
         if summarize:
             summary = tailstats.summarize(ranking_view(s, scores.metric), tail, seed=seed, top=top.values)
-        out[t.name] = Reduced(top, bottom, summary)
+        out[t.name] = Reduced(top, bottom, summary, expert_mass(s) if summarize and t.is_expert_stack else None)
     return out
 
 
@@ -158,11 +163,12 @@ def score_and_select(session: Session, sel: SelectionConfig, windows: torch.Tens
         del scores
     infos = [t for t, _ in tensors if t.name in reduced]
     if not infos:
-        raise EsaError("act_mag scores Linear and Embedding weights only, and none is selected")
+        raise EsaError("act_mag scores Linear, Embedding, router and expert weights only, and none is selected")
     top = merge_candidates(infos, {n: r.top for n, r in reduced.items()}, sel.topk, sel.mode, largest=True)
     bottom = merge_candidates(infos, {n: r.bottom for n, r in reduced.items()}, sel.topk, sel.mode, largest=False)
     summaries = {n: r.summary for n, r in reduced.items()} if summarize else {}
-    return Selection(infos, top, bottom, summaries), described
+    masses = {n: r.expert_mass for n, r in reduced.items() if r.expert_mass is not None}
+    return Selection(infos, top, bottom, summaries, masses), described
 
 
 # ----------------------------------------------------------------------------------------------- weights files
@@ -248,6 +254,14 @@ def location_table(selection: Selection) -> tuple[list[tuple], dict]:
     top_tensor_share = max(selection.top.counts().values()) / n_top if len(selection.top) else 0.0
     return rows, {"topk_share_embed": edge["embed"], "topk_share_lm_head": edge["lm_head"],
                   "tensors_with_topk": tensors_hit, "largest_single_tensor_share": top_tensor_share}
+
+
+def experts_table(selection: Selection) -> list[tuple]:
+    """experts.csv rows (:mod:`esa.experts`): per (layer, expert), top-k count and score mass; empty without
+    expert tensors."""
+    totals = {n: s.total for n, s in selection.summaries.items()}
+    return expert_rows(selection.tensors, selection.top.tensor, selection.top.flat_index, totals,
+                       selection.expert_mass)
 
 
 CCDF_POINTS = 400  # per component in ccdf.csv: enough for a smooth log-log curve
@@ -382,6 +396,7 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
             stats, stat_rows = score_statistics(selection, sel.topk)
             loc_rows, loc_summary = location_table(selection)
             curves = ccdf_curves(selection)
+            exp_rows = experts_table(selection)
         stab = None
         if config.stability_check:
             with timer.phase("stability"):
@@ -400,6 +415,8 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
     atomic_write_csv(out_dir / "ccdf.csv", ("component", "score", "ccdf"), ccdf_rows(curves))
     atomic_write_csv(out_dir / "locations.csv", ("layer", "component", "topk_count", "topk_share", "score_mass_share"),
                      loc_rows)
+    if exp_rows:
+        atomic_write_csv(out_dir / "experts.csv", EXPERTS_HEADER, exp_rows)
     if stab is not None:
         atomic_write_json(out_dir / "stability.json", stab)
         for s, chosen in seed_selections.items():
@@ -455,7 +472,8 @@ def _first(ws: WeightSet, tensors: list[TensorInfo]) -> dict | None:
         return None
     info = {t.name: t for t in tensors}[ws.tensor[0]]
     c = info.coordinates(torch.tensor([int(ws.flat_index[0])]))
-    return {"tensor": ws.tensor[0], "layer": info.layer, "component": info.component,
+    expert = int(c["expert"][0]) if c["expert"] is not None else info.expert
+    return {"tensor": ws.tensor[0], "layer": info.layer, "component": info.component, "expert": expert,
             "row": int(c["row"][0]), "col": None if c["col"] is None else int(c["col"][0]),
             "flat_index": int(ws.flat_index[0]), "score": float(ws.score[0])}
 

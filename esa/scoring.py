@@ -12,7 +12,10 @@ Batches b = 1..B of windows; L_b is the mean next-token NLL over batch b (the Hu
 - ``hutchinson_diag``  S = |(1/(B·m)) Σ_b Σ_i z_i ⊙ (H_b z_i)|, z_i Rademacher over the scored tensors, m probes
 - ``act_mag``          S_ij = |w_ij| · ‖x_j‖₂          Wanda: x_j is input feature j of the Linear layer and the norm
                                                        runs over every evaluated token; for an embedding (a Linear
-                                                       on one-hot inputs) ‖x_i‖₂ = sqrt(count of token i)
+                                                       on one-hot inputs) ‖x_i‖₂ = sqrt(count of token i); for
+                                                       a fused expert stack, per expert e over the tokens routed to
+                                                       e only (gate_up_proj: the hidden states, down_proj:
+                                                       act(gate)·up), see esa.experts; the router is a Linear
 - ``taylor``           S = −Ḡ ⊙ w                      SIGNED first-order estimate of the change of the mean loss
                                                        when w is zeroed: L(w − w e_i) − L(w) ≈ −Ḡ_i w_i
 - ``obd``              S = −Ḡ ⊙ w + ½ · Ĥ_ii ⊙ w²      SIGNED second-order estimate (Optimal Brain Damage, LeCun
@@ -54,6 +57,7 @@ import torch
 
 from esa.errors import EsaError
 from esa.evaluate import mean_loss
+from esa.experts import call_arguments, is_fused_experts, routed_inputs
 from esa.kernels import accumulate_
 from esa.modeling import set_attention
 from esa.progress import progress_bar
@@ -224,7 +228,7 @@ def compute_scores(
     if metric == "act_mag":
         meta = _act_mag(model, tensors, scores, batches, device)
         if not scores and group is None:  # a score group may hold only tensors act_mag skips
-            raise EsaError("act_mag scores Linear and Embedding weights only, and none is selected")
+            raise EsaError("act_mag scores Linear, Embedding, router and expert weights only, and none is selected")
         return ScoreSet(metric, [i for i in infos if i.name in scores], scores, len(batches), meta)
 
     was_training = model.training
@@ -375,12 +379,16 @@ def _hessian_diag(model, params, scores, batches, device) -> None:
 
 
 def _act_mag(model, tensors, scores, batches, device) -> dict:
-    """Wanda's |w_ij|·‖x_j‖₂ for Linear and Embedding weights; other tensors are skipped (and listed)."""
+    """Wanda's |w_ij|·‖x_j‖₂ for Linear, Embedding and router weights and for fused expert stacks (per expert e,
+    ‖x_j‖ over the tokens routed to e only: :mod:`esa.experts`); other tensors are skipped (and listed)."""
     sumsq: dict[str, torch.Tensor] = {}
     handles, skipped = [], []
+    stacks: dict[str, dict[str, torch.Tensor]] = {}  # experts module name -> {"gate_up_proj"/"down_proj": [E, in]}
     for info, p in tensors:
-        module = model.get_submodule(info.name.rpartition(".")[0]) if "." in info.name else None
-        if isinstance(module, torch.nn.Linear) and module.weight is p:
+        owner = info.name.rpartition(".")[0]
+        module = model.get_submodule(owner) if "." in info.name else None
+        if (isinstance(module, torch.nn.Linear) or info.component == "moe.router") \
+                and getattr(module, "weight", None) is p and p.dim() == 2:
             acc = sumsq[info.name] = torch.zeros(p.shape[1], dtype=torch.float32, device=p.device)
 
             def hook(mod, inputs, output, acc=acc):
@@ -396,6 +404,13 @@ def _act_mag(model, tensors, scores, batches, device) -> dict:
                 acc += torch.bincount(ids, minlength=acc.numel()).to(acc.dtype)
 
             handles.append(module.register_forward_hook(hook))
+        elif is_fused_experts(module) and any(getattr(module, n) is p for n in ("gate_up_proj", "down_proj")):
+            leaf = info.name.rpartition(".")[2]
+            if owner not in stacks:
+                stacks[owner] = {}
+                handles.append(module.register_forward_hook(_expert_input_hook(stacks[owner]), with_kwargs=True))
+            sumsq[info.name] = stacks[owner].setdefault(
+                leaf, torch.zeros(p.shape[0], p.shape[2], dtype=torch.float32, device=p.device))
         else:
             skipped.append(info.name)
     try:
@@ -414,6 +429,26 @@ def _act_mag(model, tensors, scores, batches, device) -> dict:
         module = model.get_submodule(info.name.rpartition(".")[0])
         if isinstance(module, torch.nn.Embedding):
             accumulate_("abs_scaled", scores[info.name], p.detach(), row_scale=norm)
+        elif p.dim() == 3:  # an expert stack: expert e's slice scaled by the norms of e's own inputs
+            w = p.detach().contiguous()
+            for e in range(p.shape[0]):
+                accumulate_("abs_scaled", scores[info.name][e], w[e], col_scale=norm[e].contiguous())
         else:
             accumulate_("abs_scaled", scores[info.name], p.detach(), col_scale=norm)
     return {"skipped": skipped} if skipped else {}
+
+
+def _expert_input_hook(acc: dict[str, torch.Tensor]):
+    """A forward hook on a fused experts module adding, per expert e, Σ_t x_t² over e's routed tokens into
+    ``acc["gate_up_proj"][e]`` (x: the hidden state) and ``acc["down_proj"][e]`` (x: act(gate)·up), for the keys
+    present."""
+
+    def hook(module, args, kwargs, output):
+        hidden, index = call_arguments(args, kwargs)
+        for e, x, mid in routed_inputs(module, hidden.detach(), index, middle="down_proj" in acc):
+            if "gate_up_proj" in acc:
+                acc["gate_up_proj"][e] += x.float().pow(2).sum(dim=0)
+            if mid is not None:
+                acc["down_proj"][e] += mid.float().pow(2).sum(dim=0)
+
+    return hook

@@ -44,6 +44,7 @@ from esa.baseline import begin_run
 from esa.config import SuperweightsConfig, to_dict
 from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate
+from esa.experts import call_arguments, routed_inputs
 from esa.manifest import Timer, build_manifest
 from esa.perturbation import PerturbSpec, perturbed
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, is_finished, prepare_run_dir, read_csv_rows, read_json
@@ -114,12 +115,7 @@ class Spikes:
 
 def _expert_io(module: torch.nn.Module, hidden: torch.Tensor, index: torch.Tensor) -> Iterator[tuple[int, ...]]:
     """(expert, down-projection input, output) of every routed expert, recomputed as MixtralExperts does."""
-    for e in range(module.down_proj.shape[0]):
-        tokens = (index == e).any(dim=-1).nonzero().reshape(-1)
-        if tokens.numel() == 0:
-            continue
-        gate, up = F.linear(hidden[tokens], module.gate_up_proj[e]).chunk(2, dim=-1)
-        x = module.act_fn(gate) * up
+    for e, _, x in routed_inputs(module, hidden, index):
         yield e, x, F.linear(x, module.down_proj[e])
 
 
@@ -138,8 +134,7 @@ def recording(projs: list[DownProj]) -> Iterator[dict[tuple[str, int | None], Sp
     def make_hook(p: DownProj):
         def hook(module, args, kwargs, output):
             if p.kind == "experts":
-                hidden = args[0] if args else kwargs["hidden_states"]
-                index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+                hidden, index = call_arguments(args, kwargs)
                 with torch.no_grad():
                     for e, x, y in _expert_io(module, hidden, index):
                         spikes(p, e, x.shape[-1], y.shape[-1], x.device).update(x, y)

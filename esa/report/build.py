@@ -19,6 +19,7 @@ from pathlib import Path
 
 from esa.report import checklist as cl
 from esa.report.collect import Collection, Run, collect
+from esa.report.experts_section import experts_figures, experts_table
 from esa.report.tables import Table, fmt, to_html, to_latex, to_markdown
 from esa.errors import EsaError
 from esa.runio import atomic_write_json, atomic_write_text, check_writable, read_csv_rows
@@ -114,11 +115,15 @@ def tail_table(runs: list[Run]) -> Table:
 
 
 def top_weights_table(run: Run, n: int = 10) -> Table:
-    rows = [[r["rank"], r["tensor"], r["layer"], r["component"], r["row"], r["col"], fmt(float(r["score"])),
-             fmt(float(r["weight"]))] for r in read_csv_rows(run.dir / "top_weights.csv")[:n]]
+    """The first ``n`` rows of top_weights.csv; an ``expert`` column when one of them sits in an expert."""
+    top = read_csv_rows(run.dir / "top_weights.csv")[:n]
+    experts = any(r.get("expert", "") != "" for r in top)
+    rows = [[r["rank"], r["tensor"], r["layer"], r["component"], *([r["expert"]] if experts else []), r["row"],
+             r["col"], fmt(float(r["score"])), fmt(float(r["weight"]))] for r in top]
     return Table(f"top_{run.key}", f"Top {len(rows)} weights — {run.label} ({run.data.get('metric')}, "
-                 f"{run.data.get('mode')})", ["rank", "tensor", "layer", "component", "row", "col", "score", "weight"],
-                 rows, align=["r", "l", "r", "l", "r", "r", "r", "r"])
+                 f"{run.data.get('mode')})", ["rank", "tensor", "layer", "component", *(["expert"] if experts else []),
+                                              "row", "col", "score", "weight"],
+                 rows, align=["r", "l", "r", "l", *(["r"] if experts else []), "r", "r", "r", "r"])
 
 
 def overlap_table(comparison: dict) -> Table:
@@ -252,6 +257,7 @@ def make_figures(col: Collection, comparison: dict | None, fig_dir: Path) -> lis
         plots.plot_top_locations(top_location_rows(r.dir / "top_weights.csv"), fig_dir / f"top_locations_{key}")
         figures.append((f"Where the top weights sit (row × column per tensor) — {r.label}",
                         fig_dir / f"top_locations_{key}.png"))
+        figures += experts_figures(r, fig_dir)  # mixture-of-experts runs only
     if comparison is not None:
         plots.plot_matrix(comparison["overlap_at_k"], comparison["labels"], "Top-k overlap@k between profile runs",
                           fig_dir / "overlap_matrix")
@@ -284,8 +290,9 @@ def _sections(col: Collection, comparison: dict | None, criteria: list[cl.Criter
     if col.of("baseline"):
         sections.append(("Baseline", [baseline_table(col.of("baseline"))]))
     if col.of("profile"):
+        experts = [t for t in map(experts_table, col.of("profile")) if t is not None]  # mixture-of-experts runs
         sections.append(("Sensitivity profiles", [tail_table(col.of("profile"))]
-                         + [top_weights_table(r) for r in col.of("profile")]))
+                         + [top_weights_table(r) for r in col.of("profile")] + experts))
     agreement = ([overlap_table(comparison)] if comparison else []) + [t for t in [stability_table(col)] if t]
     if agreement:
         sections.append(("Agreement across metrics and seeds", agreement))
