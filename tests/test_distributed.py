@@ -3,6 +3,7 @@
 The 2-process runs are launched with ``python -m torch.distributed.run`` (torchrun) on tests/distributed_driver.py,
 which runs several ``esa`` commands in one process group; the 1-process references run here, in this process,
 with one thread like each rank. 9 windows in batches of 2 make 5 batches, the last one short, shared out 2 + 3.
+The text is esa's own module docstrings (the embedded corpus takes seconds to assemble; the model is embedded).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from esa.cli.main import app
 from esa.errors import EsaError
 
 DRIVER = Path(__file__).resolve().parent / "distributed_driver.py"
-FAST = ["--seq-len", "64", "--max-samples", "9", "--batch-size", "2", "--device", "cpu"]
+FAST = ["--seq-len", "64", "--max-samples", "9", "--batch-size", "2", "--device", "cpu", "--text-file"]
 PROFILES = {
     "gxw": ["--metric", "grad_x_weight", "--mode", "per_layer", "--topk", "20", "--save-scores"],
     "hutch": ["--metric", "hutchinson_diag", "--mode", "global", "--topk", "20", "--hutchinson-probes", "2",
@@ -40,10 +41,24 @@ def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                            str(DRIVER), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def perturb_args(profile_dir: Path, out: Path) -> list[str]:
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> str:
+    import esa.distributed
+    import esa.evaluate
+    import esa.profile
+    import esa.scoring
+    import esa.trials
+
+    path = tmp_path_factory.mktemp("text") / "docstrings.txt"
+    path.write_text("\n\n".join(m.__doc__ for m in (esa.scoring, esa.evaluate, esa.trials, esa.profile,
+                                                      esa.distributed)))
+    return str(path)
+
+
+def perturb_args(profile_dir: Path, out: Path, text: str) -> list[str]:
     return ["perturb", "--from-profile", str(profile_dir), "--perturb", "gauss_noise", "--perturb-scale", "2",
             "--controls", "random_k,bottom_k", "--control-sets", "2", "--seeds", "0", "--n-bootstrap", "100",
-            *FAST, "--out-dir", str(out)]
+            *FAST, text, "--out-dir", str(out)]
 
 
 def interrupted_copy(finished: Path, target: Path, keep: int) -> None:
@@ -59,25 +74,25 @@ def interrupted_copy(finished: Path, target: Path, keep: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, text):
     """(1-process directory, 2-process directory), each holding baseline, gxw, hutch, perturb and resume runs."""
     root = tmp_path_factory.mktemp("dist")
     one, two = root / "one", root / "two"
-    commands = [["baseline", *FAST, "--out-dir", "{}/baseline"]]
-    commands += [["profile", *args, *FAST, "--out-dir", "{}/" + name] for name, args in PROFILES.items()]
+    commands = [["baseline", *FAST, text, "--out-dir", "{}/baseline"]]
+    commands += [["profile", *args, *FAST, text, "--out-dir", "{}/" + name] for name, args in PROFILES.items()]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for argv in commands:
             result = CliRunner().invoke(app, [a.format(one) for a in argv])
             assert result.exit_code == 0, result.output
-        result = CliRunner().invoke(app, perturb_args(one / "gxw", one / "perturb"))
+        result = CliRunner().invoke(app, perturb_args(one / "gxw", one / "perturb", text))
         assert result.exit_code == 0, result.output
     finally:
         torch.set_num_threads(threads)
     interrupted_copy(one / "perturb", two / "resume", keep=2)  # the baseline and the first trial are done
     plan = [[a.format(two) for a in argv] for argv in commands]
-    plan += [perturb_args(one / "gxw", two / "perturb"), perturb_args(one / "gxw", two / "resume")]
+    plan += [perturb_args(one / "gxw", two / "perturb", text), perturb_args(one / "gxw", two / "resume", text)]
     (root / "plan.json").write_text(json.dumps(plan))
     out = torchrun("commands", str(root / "plan.json"))
     assert out.returncode == 0, out.stderr[-4000:]
@@ -137,9 +152,9 @@ def test_perturb_equals_one_process(runs, run):
         json.loads((one / "perturb" / "results.json").read_text())
 
 
-def test_a_failing_rank_stops_the_run_with_its_error(tmp_path):
+def test_a_failing_rank_stops_the_run_with_its_error(tmp_path, text):
     out = tmp_path / "run"
-    result = torchrun("fail", "1", "baseline", *FAST, "--out-dir", str(out))
+    result = torchrun("fail", "1", "baseline", *FAST, text, "--out-dir", str(out))
     assert result.returncode != 0
     assert "error: rank 1/2: injected failure on rank 1" in result.stderr
     assert not (out / "experiment_manifest.json").exists() and not (out / "metrics.json").exists()
