@@ -26,6 +26,7 @@ from esa.cli.main import app
 from esa.errors import EsaError
 
 DRIVER = Path(__file__).resolve().parent / "distributed_driver.py"
+RUNNER = Path(__file__).resolve().parents[1] / "phase1_runner_enhanced.py"
 FAST = ["--seq-len", "64", "--max-samples", "9", "--batch-size", "2", "--device", "cpu", "--text-file"]
 PROFILES = {
     "gxw": ["--metric", "grad_x_weight", "--mode", "per_layer", "--topk", "20", "--save-scores"],
@@ -36,9 +37,12 @@ SCORE_RTOL = 1e-5
 
 
 def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """2 processes on the driver, or (first argument ``--runner``) on phase1_runner_enhanced.py."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ESA_PROGRESS": "0"}
+    script = RUNNER if args[0] == "--runner" else DRIVER
+    args = args[1:] if args[0] == "--runner" else args
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(DRIVER), *args], capture_output=True, text=True, timeout=timeout, env=env)
+                           str(script), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +57,11 @@ def text(tmp_path_factory) -> str:
     path.write_text("\n\n".join(m.__doc__ for m in (esa.scoring, esa.evaluate, esa.trials, esa.profile,
                                                       esa.distributed)))
     return str(path)
+
+
+def errors(result: subprocess.CompletedProcess) -> str:
+    """The ranks' error lines and tracebacks, without torchrun's summary."""
+    return result.stderr.split("ChildFailedError")[0][-6000:]
 
 
 def perturb_args(profile_dir: Path, out: Path, text: str) -> list[str]:
@@ -95,7 +104,7 @@ def runs(tmp_path_factory, text):
     plan += [perturb_args(one / "gxw", two / "perturb", text), perturb_args(one / "gxw", two / "resume", text)]
     (root / "plan.json").write_text(json.dumps(plan))
     out = torchrun("commands", str(root / "plan.json"))
-    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.returncode == 0, errors(out)
     return one, two
 
 
@@ -150,6 +159,22 @@ def test_perturb_equals_one_process(runs, run):
             assert got[trial_id].get(key) == record.get(key), (trial_id, key)
     assert json.loads((two / run / "results.json").read_text()) == \
         json.loads((one / "perturb" / "results.json").read_text())
+
+
+def test_runbook_under_torchrun_equals_one_process(runs, text, tmp_path):
+    """``torchrun phase1_runner_enhanced.py`` (= ``torchrun -m esa run``): every phase and the report written once,
+    by rank 0, with the 1-process baseline and top-k."""
+    one, _ = runs
+    out = tmp_path / "run"
+    result = torchrun("--runner", *PROFILES["gxw"][:-1], *FAST, text, "--perturb", "zero", "--controls", "random_k",
+                      "--seeds", "0", "--out-dir", str(out))
+    assert result.returncode == 0, errors(result)
+    assert "report in" in result.stdout and result.stdout.count("results in") == 3  # rank 0 alone prints
+    assert (out / "baseline" / "window_nll.csv").read_bytes() == (one / "baseline" / "window_nll.csv").read_bytes()
+    top = lambda d: {(r["tensor"], r["flat_index"]) for r in rows(d / "top_weights.csv")}  # noqa: E731
+    assert top(out / "profile") == top(one / "gxw")
+    assert len(trials(out / "perturb" / "trials.jsonl")) == 1 + 1 + 39  # baseline, super, the default control sets
+    assert (out / "report" / "report.html").exists()
 
 
 def test_a_failing_rank_stops_the_run_with_its_error(tmp_path, text):
