@@ -18,7 +18,9 @@ EXIT_INTERRUPTED = 130
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
-    _stderr.print(f"[bold red]error:[/] {message}", markup=True)
+    from esa.distributed import rank_label  # "rank R/N: " under torchrun, so the failing rank is named
+
+    _stderr.print(f"[bold red]error:[/] {rank_label()}{message}", markup=True)
     raise typer.Exit(code)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from esa import distributed
 from esa.config import BaselineConfig, to_dict
 from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate, leak_warnings, require_finite
@@ -56,7 +57,7 @@ def write_window_nll(path: Path, result: EvalResult, windows: Windows) -> None:
 def begin_run(out_dir: Path, overwrite: bool) -> None:
     """Mark the directory unfinished before new results replace old ones (so a crash cannot mix two runs)."""
     manifest = Path(out_dir) / MANIFEST
-    if overwrite and manifest.exists():
+    if overwrite and manifest.exists() and distributed.is_main():
         manifest.unlink()
 
 
@@ -90,4 +91,5 @@ def run_baseline(config: BaselineConfig, *, command: str = "baseline", session: 
     atomic_write_json(out_dir / "metrics.json", metrics)
     write_window_nll(out_dir / "window_nll.csv", result, session.windows)
     atomic_write_json(out_dir / MANIFEST, build_manifest(command, timer=timer, extra=session.describe()))
+    distributed.barrier()  # rank 0's files are complete before any rank goes on
     return BaselineRun(out_dir=out_dir, result=result, metrics=metrics, session=session)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from esa import distributed
 from esa.errors import EsaError
 from esa.progress import progress_bar
 
@@ -154,27 +155,34 @@ def mean_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8,
              description: str = "evaluating") -> EvalResult:
-    """Score every window of ``input_ids`` [n, L]; see the module docstring for the definitions."""
+    """Score every window of ``input_ids`` [n, L]; see the module docstring for the definitions.
+
+    Under torchrun each rank evaluates its block of batches and every rank gets every window's result
+    (:mod:`esa.distributed`)."""
     if batch_size < 1:
         raise EsaError(f"--batch-size must be at least 1 (got {batch_size})")
     device = model_device(model)
     n = input_ids.shape[0]
-    nll = np.zeros(n, dtype=np.float64)
-    correct = np.zeros(n, dtype=np.int64)
-    tokens = np.full(n, input_ids.shape[1] - 1, dtype=np.int64)
+    # Under torchrun this process evaluates its block of whole batches; the blocks are gathered in order.
+    mine = distributed.shard(-(-n // batch_size))
+    first, last = min(mine.start * batch_size, n), min(mine.stop * batch_size, n)
+    nll = np.zeros(last - first, dtype=np.float64)
+    correct = np.zeros(last - first, dtype=np.int64)
     was_training = model.training
     model.eval()
     try:
-        with progress_bar(description, total=n) as bar:
-            for start in range(0, n, batch_size):
+        with progress_bar(description, total=last - first) as bar:
+            for start in range(first, last, batch_size):
                 batch = input_ids[start : start + batch_size].to(device)
                 sums, hits = window_nll(model, batch, with_correct=True)
-                nll[start : start + batch.shape[0]] = sums.cpu().numpy()
-                correct[start : start + batch.shape[0]] = hits.cpu().numpy()
+                nll[start - first : start - first + batch.shape[0]] = sums.cpu().numpy()
+                correct[start - first : start - first + batch.shape[0]] = hits.cpu().numpy()
                 bar.advance(batch.shape[0])
     finally:
         model.train(was_training)
-    return EvalResult(nll=nll, tokens=tokens, correct=correct)
+    every = distributed.gather_blocks({"nll": nll, "correct": correct})
+    tokens = np.full(n, input_ids.shape[1] - 1, dtype=np.int64)
+    return EvalResult(nll=every["nll"], tokens=tokens, correct=every["correct"])
 
 
 def require_finite(result: EvalResult) -> None:

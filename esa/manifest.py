@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from esa import distributed
+
 _PACKAGES = ("esa", "torch", "transformers", "tokenizers", "safetensors", "triton", "accelerate", "datasets",
              "numpy", "scipy", "matplotlib", "typer", "rich")
 
@@ -126,6 +128,7 @@ def build_manifest(command: str, *, timer: Timer, extra: dict[str, Any], status:
         "git": _git_state(),
         "packages": package_versions(),
         "hardware": hardware(),
+        "distributed": distributed.describe(),
         "kernels": kernel_path(extra.get("model", {}).get("device")),
         "timings_s": timer.as_dict(),
         "memory": {**measured_peak_memory(device), "planned_peak_bytes": planned_peak_bytes},

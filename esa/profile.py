@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esa import tailstats
+from esa import distributed, tailstats
 from esa.baseline import begin_run
 from esa.config import ProfileConfig, SelectionConfig, to_dict
 from esa.errors import EsaError
@@ -385,7 +385,7 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
     params = dict(model.named_parameters())
     sel = config.selection
     score_file = _open_score_file(out_dir, model, sel, session.windows.n, config.data.batch_size) \
-        if config.save_scores else None
+        if config.save_scores and distributed.is_main() else None  # under torchrun, rank 0 writes
     try:
         with timer.phase("score"):
             selection, scoring = score_and_select(
@@ -457,6 +457,7 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
                              batch_size=config.data.batch_size, score_groups=scoring["score_groups"],
                              hutchinson_probes=sel.hutchinson_probes, device=str(session.loaded.device))
     atomic_write_json(out_dir / MANIFEST, build_manifest(command, timer=timer, extra=extra, planned_peak_bytes=planned))
+    distributed.barrier()  # rank 0's files are complete before any rank goes on
     return {"out_dir": out_dir, "metrics": metrics, "stability": stab, "session": session, "selection": selection}
 
 

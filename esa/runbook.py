@@ -20,6 +20,7 @@ from typing import Callable
 
 from esa.config import (BaselineConfig, DataConfig, ModelConfig, PerturbConfig, ProfileConfig, SelectionConfig,
                         same_config)
+from esa import distributed
 from esa.errors import EsaError
 from esa.runio import is_finished, read_json
 
@@ -155,4 +156,5 @@ def run_runbook(cfg: RunbookConfig, *, announce: Callable[[str], None] = print,
     announce(f"report: writing {report_dir}")
     # The runbook's report is derived from its phases, so it is always redrawn from them.
     results["report"] = write_report([Path(c.out_dir) for c in configs.values()], report_dir, overwrite=True)
+    distributed.barrier()  # under torchrun: rank 0 has written the report before any rank reads it
     return results

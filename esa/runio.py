@@ -4,6 +4,9 @@ Every file is written to a temporary name in the same directory, flushed, fsynce
 (``os.replace`` is atomic on POSIX and Windows), so a reader never sees a half-written file and a crash leaves
 either the old file or the new one. A run directory is *finished* when its ``experiment_manifest.json`` says
 ``"status": "complete"``; that file is written last.
+
+Under torchrun (:mod:`esa.distributed`) only rank 0 writes or removes files: on the other ranks the writers below
+return without touching the disk, and :func:`prepare_run_dir` waits until every rank has checked the directory.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from esa import distributed
 from esa.errors import EsaError
 
 MANIFEST = "experiment_manifest.json"
@@ -40,7 +44,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same directory + fsync + rename).
 
     The file gets the mode ``0o666 & ~umask`` like any newly created file. On failure (a full disk, an unwritable
-    directory) the temporary file is removed and the old ``path``, if any, is left as it was."""
+    directory) the temporary file is removed and the old ``path``, if any, is left as it was. Rank 0 only."""
+    if not distributed.is_main():
+        return
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,8 +156,10 @@ def _drop_torn_tail(path: Path) -> None:
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one JSON line and fsync, so a finished trial survives a crash of the next one.
 
-    A crash during the write can leave a torn last line; :func:`read_jsonl` drops it.
+    A crash during the write can leave a torn last line; :func:`read_jsonl` drops it. Rank 0 only.
     """
+    if not distributed.is_main():
+        return
     line = json.dumps(_json_safe(record), allow_nan=False) + "\n"
     _drop_torn_tail(Path(path))
     size = Path(path).stat().st_size if Path(path).exists() else 0
@@ -234,11 +242,15 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> Path:
     check_writable(run_dir)
     if run_dir.is_dir() and is_finished(run_dir) and not overwrite:
         raise EsaError(f"{run_dir} already holds a finished run; pass --overwrite to replace it or choose another --out-dir")
+    distributed.barrier()  # every rank has looked before rank 0 changes anything
     return run_dir
 
 
 def clear_run_files(run_dir: Path, names: Iterable[str]) -> None:
-    """Remove files of a previous run that ``--overwrite`` replaces (only the named ones, never the folder)."""
+    """Remove files of a previous run that ``--overwrite`` replaces (only the named ones, never the folder);
+    rank 0 only."""
+    if not distributed.is_main():
+        return
     for name in names:
         p = Path(run_dir) / name
         if p.is_file():

@@ -44,6 +44,11 @@ The result for a tensor does not depend on the grouping: the same batches are us
 probe z spans every scored tensor in every pass (H z needs the cross-tensor blocks), only the accumulation is per
 group. The probe is never held whole: z_t is drawn per tensor from a counter-based seed (seed, tensor, batch,
 probe) where it is used, in the backward of g·z and again when z_t ⊙ (H z)_t is folded.
+
+Data parallel (torchrun, :mod:`esa.distributed`): the batches are those of one process, each rank folds the
+contiguous block of them that :func:`esa.distributed.shard` gives it, keyed by their global index b (so probes
+and the weights n_b/N do not depend on the number of ranks), and the score buffers are then summed over ranks
+with ``all_reduce``, one tensor at a time, before the division by B (for act_mag: the ‖x_j‖² sums).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from esa import distributed
 from esa.errors import EsaError
 from esa.evaluate import mean_loss
 from esa.experts import call_arguments, is_fused_experts, routed_inputs
@@ -149,6 +155,11 @@ def batch_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [input_ids[i : i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
+
+
+def _mine(batches: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+    """(global index b, batch) of the batches this process folds: all of them, or its block under torchrun."""
+    return [(b, batches[b]) for b in distributed.shard(len(batches))]
 
 
 def _seed_for(*parts: object) -> int:
@@ -255,6 +266,8 @@ def compute_scores(
         model.train(was_training)
         if needs_double_backward(metric) and meta.get("attn_implementation_was"):
             set_attention(model, meta["attn_implementation_was"])
+    for s in scores.values():  # each rank's sum over its batches → the sum over every batch
+        distributed.all_reduce_sum_(s)
     if metric in SIGNED:
         meta["signed"] = True
         meta["batch_weighting"] = "n_b/N (gradient of the mean loss over all windows)"
@@ -273,8 +286,9 @@ def _first_order(model, params, scores, batches, device, metric) -> None:
     def fold(name: str, grad: torch.Tensor, p: torch.Tensor) -> None:
         accumulate_(op, scores[name], grad, p.detach() if op == "abs_product" else None)
 
-    with fold_gradients(params, fold), progress_bar(f"scoring ({metric})", total=len(batches)) as bar:
-        for batch in batches:
+    mine = _mine(batches)
+    with fold_gradients(params, fold), progress_bar(f"scoring ({metric})", total=len(mine)) as bar:
+        for _, batch in mine:
             batch_loss(model, batch.to(device)).backward()
             bar.advance()
 
@@ -296,8 +310,9 @@ def _probe_hessian(model, params, scores, batches, device, probes: int, seed: in
         if name in scores:
             fold_hz(name, hz, p, rademacher_like(p, seed, name, *key))
 
-    with fold_gradients(params, fold), progress_bar(f"scoring ({label})", total=len(batches) * probes) as bar:
-        for b, batch in enumerate(batches):
+    mine = _mine(batches)
+    with fold_gradients(params, fold), progress_bar(f"scoring ({label})", total=len(mine) * probes) as bar:
+        for b, batch in mine:
             loss = batch_loss(model, batch.to(device))
             grads = torch.autograd.grad(loss if loss_share is None else loss * loss_share(b), plist,
                                         create_graph=True)
@@ -331,8 +346,9 @@ def _taylor(model, params, scores, batches, device) -> None:
     def fold(name: str, grad: torch.Tensor, p: torch.Tensor) -> None:
         accumulate_("product", scores[name], grad, p.detach())
 
-    with fold_gradients(params, fold), progress_bar("scoring (taylor)", total=len(batches)) as bar:
-        for b, batch in enumerate(batches):
+    mine = _mine(batches)
+    with fold_gradients(params, fold), progress_bar("scoring (taylor)", total=len(mine)) as bar:
+        for b, batch in mine:
             (batch_loss(model, batch.to(device)) * _mean_loss_share(batches, b)).backward()
             bar.advance()
     for s in scores.values():
@@ -363,8 +379,9 @@ def _obd(model, params, scores, batches, device, probes: int, seed: int) -> None
 
 def _hessian_diag(model, params, scores, batches, device) -> None:
     total = sum(p.numel() for p in params.values())
-    with progress_bar("scoring (hessian_diag)", total=len(batches) * total) as bar:
-        for batch in batches:
+    mine = _mine(batches)
+    with progress_bar("scoring (hessian_diag)", total=len(mine) * total) as bar:
+        for _, batch in mine:
             plist = list(params.values())
             grads = torch.autograd.grad(batch_loss(model, batch.to(device)), plist, create_graph=True)
             for (name, p), g in zip(params.items(), grads):
@@ -414,13 +431,16 @@ def _act_mag(model, tensors, scores, batches, device) -> dict:
         else:
             skipped.append(info.name)
     try:
-        with torch.no_grad(), progress_bar("scoring (act_mag)", total=len(batches)) as bar:
-            for batch in batches:
+        mine = _mine(batches)
+        with torch.no_grad(), progress_bar("scoring (act_mag)", total=len(mine)) as bar:
+            for _, batch in mine:
                 model(input_ids=batch.to(device), use_cache=False)
                 bar.advance()
     finally:
         for h in handles:
             h.remove()
+    for acc in sumsq.values():  # Σ over every evaluated token, whichever rank evaluated it
+        distributed.all_reduce_sum_(acc)
     for info, p in tensors:
         if info.name in skipped:
             scores.pop(info.name)

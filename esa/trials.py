@@ -24,6 +24,10 @@ pairwise Jaccard is reported. Control set j is stratified (by default) like the 
 Files: ``config.json``, ``sets/<condition>_seed<S>.csv`` and ``sets/random_k_set<J>.csv``, ``trials.jsonl``
 (one JSON object per trial, the baseline first), ``results.json`` (:mod:`esa.stats`), ``plots/`` with
 ``--save-plots``, and ``experiment_manifest.json`` last.
+
+Under torchrun (:mod:`esa.distributed`) every rank builds the same sets and applies the same perturbation to its
+own copy of the model; each trial's windows are shared out by :func:`esa.evaluate.evaluate` and gathered, and rank
+0 alone writes (and, when resuming, decides from ``trials.jsonl`` which trials remain).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from esa import stats
+from esa import distributed, stats
 from esa.baseline import begin_run
 from esa.config import PerturbConfig, SelectionConfig, same_config, to_dict
 from esa.errors import EsaError
@@ -272,6 +276,7 @@ def run_perturb(config: PerturbConfig, *, command: str = "perturb", session: Ses
     if config.from_profile:
         config = with_profile_selection(config)
     out_dir, resuming = prepare_perturb_dir(config)
+    distributed.barrier()  # every rank has seen the directory as it was before rank 0 changes it
     timer = Timer()
     with timer.phase("load"):
         session = session or open_for_selection(config.model, config.data, config.selection)
@@ -295,7 +300,8 @@ def run_perturb(config: PerturbConfig, *, command: str = "perturb", session: Ses
         atomic_write_json(out_dir / "config.json", to_dict(config))
 
     trials_path = out_dir / TRIALS
-    done = {r["trial_id"]: r for r in read_jsonl(trials_path)}
+    # Rank 0's reading decides which trials remain (the others may have read before it cleared the file).
+    done = distributed.broadcast({r["trial_id"]: r for r in read_jsonl(trials_path)})
     fingerprint_before = model_fingerprint(model)
     batch_size = config.data.batch_size
     windows = session.windows.input_ids
@@ -343,6 +349,7 @@ def run_perturb(config: PerturbConfig, *, command: str = "perturb", session: Ses
         plot_delta_ppl(results, out_dir / "plots" / "delta_ppl")
     extra = {**session.describe(), "model_fingerprint": fingerprint_before, "resumed": resuming}
     atomic_write_json(out_dir / MANIFEST, build_manifest(command, timer=timer, extra=extra))
+    distributed.barrier()  # rank 0's files are complete before any rank goes on
     return {"out_dir": out_dir, "results": results, "session": session}
 
 
