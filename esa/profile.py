@@ -22,6 +22,7 @@ order, so every file is byte-identical to a single-group run.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,7 +112,12 @@ def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_
     """Per scored tensor: its top-k and bottom-k candidates and, with ``summarize``, its tail-statistics summary
     (of |S| for a signed metric). ``skip_unused``: bottom-k leaves out zero-score weights (:mod:`esa.selection`).
 
-    Two selections per buffer: the largest max(k, tail) scores serve both the top-k and the tail statistics.
+    What each buffer costs, all on the score's device: the ranking view (|S|, a copy, for a signed metric only);
+    with ``summarize`` the two streamed moment passes of :func:`esa.tailstats.moments`, whose sum also tells
+    whether every score is finite, and whose zero count is bottom-k's unused count; the seeded sample; then two
+    threshold selections (:func:`esa.selection.threshold_select`: one comparison pass each), the largest
+    max(k, tail) scores serving both the top-k and the tail statistics. Without ``summarize``: one finiteness pass,
+    one zero count and the two selections.
     """
     out = {}
     tail = max(k, MIN_TAIL_VALUES)
@@ -119,11 +125,27 @@ def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_
         if t.name not in scores.scores:
             continue
         s = scores.scores[t.name]
-        top = tensor_candidates(t.name, s, tail if summarize else k, largest=True, metric=scores.metric)
-        bottom = tensor_candidates(t.name, s, k, largest=False, metric=scores.metric, skip_unused=skip_unused)
+        view = ranking_view(s, scores.metric)
+        flat = view.detach().reshape(-1)
+        if summarize:
+            stats = tailstats.moments(flat)
+            finite = math.isfinite(stats[0])  # a float64 sum of float32 values overflows only through inf/NaN
+            unused = stats[1]
+        else:
+            stats = None
+            finite = bool(torch.isfinite(s).all())
+            unused = None
+        if not finite:
+            raise EsaError(f"scores of {t.name} contain NaN or inf: the loss or the weights are broken "
+                           "(check the baseline, or try --dtype float32)")
+        sample = tailstats.draw_sample(flat, seed)
+        top = tensor_candidates(t.name, s, tail if summarize else k, largest=True, metric=scores.metric, view=view,
+                                sample=sample, checked=True)
+        bottom = tensor_candidates(t.name, s, k, largest=False, metric=scores.metric, skip_unused=skip_unused,
+                                   view=view, sample=sample, unused=unused, checked=True)
         summary = None
         if summarize:
-            summary = tailstats.summarize(ranking_view(s, scores.metric), tail, seed=seed, top=top.values)
+            summary = tailstats.summarize(view, tail, seed=seed, top=top.values, sample=sample, stats=stats)
         out[t.name] = Reduced(top, bottom, summary)
     return out
 

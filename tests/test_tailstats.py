@@ -110,3 +110,27 @@ def test_heavy_tail_verdict_agrees_with_powerlaw_at_its_own_x_min(rng, name, hea
         ref = powerlaw.Fit(top[:500], verbose=False)  # x_min by minimum KS distance among the top scores
         r, p = ref.distribution_compare("power_law", "exponential")
     assert bool(r > 0 and p < 0.05) is heavy
+
+
+def test_streamed_moments_match_float64_numpy(monkeypatch):
+    """Several chunks (CHUNK made small): sum, zeros, max and the central moments against numpy in float64."""
+    monkeypatch.setattr(tailstats, "CHUNK", 1000)
+    x = torch.from_numpy(np.random.default_rng(1).lognormal(0, 2, 4321)).float()
+    x[::9] = 0
+    total, zeros, mx, m2, m3, m4 = tailstats.moments(x)
+    v = x.double().numpy()
+    d = v - v.mean()
+    assert total == pytest.approx(v.sum(), rel=1e-12) and zeros == int((v == 0).sum()) and mx == v.max()
+    assert (m2, m3, m4) == pytest.approx(((d ** 2).mean(), (d ** 3).mean(), (d ** 4).mean()), rel=1e-9)
+
+
+def test_normal_log_density_and_tail_are_scipys_bit_for_bit():
+    """The lognormal fit's objective replaces scipy.stats.norm calls: the same floats, so the same fit."""
+    from scipy import stats
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(0, 3, 5000)
+    for mu, sigma in [(0.0, 1.0), (1.7, 0.3), (-2.5, 11.0), (0.1, 1e-3)]:
+        assert np.array_equal(tailstats._norm_logpdf(x, mu, sigma), stats.norm.logpdf(x, mu, sigma))
+        for z in (-40.0, -1.3, 0.0, 0.7, 9.0, (0.3 - mu) / sigma):
+            assert tailstats._norm_sf(z) == stats.norm.sf(z)
