@@ -34,7 +34,7 @@ from esa.baseline import begin_run
 from esa.config import ProfileConfig, SelectionConfig, to_dict
 from esa.errors import EsaError
 from esa.manifest import Timer, build_manifest
-from esa.plan import planned_groups, predicted_peak, refuse_if_it_cannot_fit
+from esa.plan import planned_groups, predicted_peak, refuse_if_it_cannot_fit, resolve_batch_size
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, prepare_run_dir, read_csv_rows
 from esa.scorefile import ScoreFile
 from esa.scoring import ScoreSet, check_metric, compute_scores, needs_data, needs_double_backward, ranking_view
@@ -384,6 +384,7 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
     """Score, select and write the run; ``session`` reuses a loaded model and its windows (``esa run``)."""
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
     validate_profile(config)
+    resolve_batch_size(config.model, config.selection, config.data, command="profile")
     timer = Timer()
     if session is None:
         refuse_if_it_cannot_fit(config.model, config.selection, config.data, command="profile")
