@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,21 +232,57 @@ def _group_key(t: TensorInfo) -> str:
     return t.component
 
 
-def score_statistics(selection: Selection, k: int) -> tuple[dict, list[tuple]]:
-    """(score_stats.json content, tensor_stats.csv rows)."""
-    rows = []
-    per_tensor = {}
-    for t in selection.tensors:
-        d = tailstats.describe(selection.summaries[t.name], k)
-        per_tensor[t.name] = d
-        rows.append((t.name, "" if t.layer is None else t.layer, t.component, *[d.get(c, "") for c in STATS_COLUMNS]))
-    summaries = list(selection.summaries.values())
+STATISTICS_WORKERS_MIN_TENSORS = 64  # below this many distributions the fits run in this process
+
+
+def statistics_workers(n: int) -> int:
+    """Worker processes for ``n`` tail fits: one per available core, none for fewer than
+    :data:`STATISTICS_WORKERS_MIN_TENSORS` (starting a worker costs about what a few dozen fits do)."""
+    if n < STATISTICS_WORKERS_MIN_TENSORS:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, n // 8) if cores > 1 else 0
+
+
+def describe_all(summaries: list[tailstats.TensorSummary], k: int, *, workers: int | None = None,
+                 fallback: bool = True) -> list[dict]:
+    """:func:`esa.tailstats.describe` of each summary, in order. The fits (a Nelder–Mead lognormal and a bounded
+    stretched-exponential maximum likelihood per distribution) are what the statistics phase costs, so with many
+    distributions they run in ``workers`` spawned processes (default :func:`statistics_workers`); each is a pure
+    function of its summary, so the results are the same floats either way. A pool that cannot start falls back
+    to this process (``fallback=False``: the error is raised)."""
+    workers = statistics_workers(len(summaries)) if workers is None else workers
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                return list(pool.map(tailstats.describe, summaries, itertools.repeat(k),
+                                     chunksize=max(1, len(summaries) // (4 * workers))))
+        except (OSError, BrokenProcessPool):
+            if not fallback:
+                raise
+    return [tailstats.describe(s, k) for s in summaries]
+
+
+def score_statistics(selection: Selection, k: int, *, workers: int | None = None) -> tuple[dict, list[tuple]]:
+    """(score_stats.json content, tensor_stats.csv rows); the tail fits through :func:`describe_all`."""
     tail = max(k, MIN_TAIL_VALUES)
-    model_wide = tailstats.describe(tailstats.combine(summaries, tail=tail), k)
     components: dict[str, list[tailstats.TensorSummary]] = {}
     for t in selection.tensors:
         components.setdefault(_group_key(t), []).append(selection.summaries[t.name])
-    per_component = {c: tailstats.describe(tailstats.combine(s, tail=tail), k) for c, s in components.items()}
+    pooled = [tailstats.combine(list(selection.summaries.values()), tail=tail)]
+    pooled += [tailstats.combine(s, tail=tail) for s in components.values()]
+    described = describe_all([selection.summaries[t.name] for t in selection.tensors] + pooled, k, workers=workers)
+    per_tensor = {}
+    rows = []
+    for t, d in zip(selection.tensors, described):
+        per_tensor[t.name] = d
+        rows.append((t.name, "" if t.layer is None else t.layer, t.component, *[d.get(c, "") for c in STATS_COLUMNS]))
+    model_wide = described[len(selection.tensors)]
+    per_component = dict(zip(components, described[len(selection.tensors) + 1:]))
     return {"model": model_wide, "components": per_component, "tensors": per_tensor}, rows
 
 

@@ -1,7 +1,7 @@
 """Heavy-tail statistics of a score distribution, computed without sorting the whole tensor.
 
 Per tensor (and for the model as a whole) from three exact or seeded ingredients:
-- exact moments in float64, streamed in chunks through two reused float64 buffers (:func:`moments`): mean,
+- exact moments in float64, streamed in chunks through three reused float64 buffers (:func:`moments`): mean,
   standard deviation, excess kurtosis (m4/m2² − 3 with central moments from a second pass), max, number of exact
   zeros;
 - the exact top ``tail`` scores (:func:`esa.kernels.topk`): the share of the total score mass held by the
@@ -27,12 +27,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from scipy import optimize, special, stats
 
-from esa.kernels import topk
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a buffer is summarized, not here: the statistics (describe, tail_fits) need only numpy
+# and scipy, so the worker processes of esa.profile.describe_all start without it.
 
 SAMPLE = 1 << 16
 CHUNK = 1 << 24
@@ -58,6 +62,8 @@ class TensorSummary:
 def draw_sample(flat: torch.Tensor, seed: int) -> torch.Tensor:
     """The seeded uniform sample of a flat score buffer (every element when it has at most ``SAMPLE``), on the
     buffer's device: the summary's sample, and the threshold sample of :func:`esa.selection.threshold_select`."""
+    import torch
+
     n = flat.numel()
     if n <= SAMPLE:
         return flat
@@ -67,7 +73,9 @@ def draw_sample(flat: torch.Tensor, seed: int) -> torch.Tensor:
 
 def moments(flat: torch.Tensor) -> tuple[float, int, float, float, float, float]:
     """(Σx, zeros, max, m2, m3, m4) of a flat buffer, the sums in float64 chunk by chunk (``CHUNK`` elements);
-    m_j = Σ(x − mean)^j / n. Two passes; each reuses the same two float64 chunk buffers on the buffer's device."""
+    m_j = Σ(x − mean)^j / n. Two passes; both reuse the same three float64 chunk buffers on the buffer's device."""
+    import torch
+
     n = flat.numel()
     size = min(n, CHUNK)
     d = torch.empty(size, dtype=torch.float64, device=flat.device)
@@ -105,6 +113,8 @@ def summarize(score: torch.Tensor, tail: int, *, seed: int = 0, top: torch.Tenso
     """``top``: the tensor's exact largest scores, descending, at least min(tail, numel) of them, when the caller
     has selected them already (one selection then serves top-k and the tail); ``sample`` (:func:`draw_sample` with
     ``seed``) and ``stats`` (:func:`moments`) likewise when the caller has them."""
+    from esa.kernels import topk
+
     flat = score.detach().reshape(-1)
     n = flat.numel()
     total, zeros, mx, m2, m3, m4 = moments(flat) if stats is None else stats
