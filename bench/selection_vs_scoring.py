@@ -27,7 +27,9 @@ def _parse(argv):
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--windows", type=int, default=1)
     parser.add_argument("--topk", type=int, default=100)
+    parser.add_argument("--mode", choices=("per_layer", "global"), default="per_layer")
     parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -36,7 +38,7 @@ def run(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from esa.profile import Selection, reduce_scores, score_statistics
+    from esa.profile import Selection, ccdf_curves, location_table, reduce_scores, score_statistics
     from esa.scoring import compute_scores
     from esa.selection import merge_candidates
     from esa.tensors import select_tensors
@@ -46,7 +48,7 @@ def run(args) -> dict:
                          tie_word_embeddings=False)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(args.device).eval().requires_grad_(False)
-    ids = torch.randint(0, args.vocab, (1, args.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, args.vocab, (args.windows, args.seq_len), generator=torch.Generator().manual_seed(0))
     tensors = select_tensors(model)
 
     def now():
@@ -59,18 +61,25 @@ def run(args) -> dict:
     t1 = now()
     reduced = reduce_scores(scores, args.topk, summarize=True, seed=0)
     infos = [t for t, _ in tensors]
-    top = merge_candidates(infos, {n: r.top for n, r in reduced.items()}, args.topk, "per_layer")
-    bottom = merge_candidates(infos, {n: r.bottom for n, r in reduced.items()}, args.topk, "per_layer", largest=False)
-    score_statistics(Selection(infos, top, bottom, {n: r.summary for n, r in reduced.items()}), args.topk)
+    top = merge_candidates(infos, {n: r.top for n, r in reduced.items()}, args.topk, args.mode)
+    bottom = merge_candidates(infos, {n: r.bottom for n, r in reduced.items()}, args.topk, args.mode, largest=False)
     t2 = now()
-    return {"parameters": sum(p.numel() for p in model.parameters()), "device": args.device,
-            "scoring_s": t1 - t0, "selection_and_statistics_s": t2 - t1, "ratio": (t2 - t1) / (t1 - t0)}
+    selection = Selection(infos, top, bottom, {n: r.summary for n, r in reduced.items()})
+    score_statistics(selection, args.topk)
+    location_table(selection)
+    ccdf_curves(selection)
+    t3 = now()
+    return {"parameters": sum(p.numel() for p in model.parameters()), "device": args.device, "mode": args.mode,
+            "tokens": args.windows * args.seq_len, "scoring_s": t1 - t0, "selection_s": t2 - t1,
+            "statistics_s": t3 - t2, "selection_and_statistics_s": t3 - t1, "ratio": (t3 - t1) / (t1 - t0)}
 
 
 def main(argv: list[str] | None = None) -> int:
     result = run(_parse(argv))
-    print(f"{result['parameters']:,} parameters on {result['device']}: scoring {result['scoring_s']:.2f} s, "
-          f"selection + statistics {result['selection_and_statistics_s']:.2f} s ({result['ratio']:.0%} of scoring)")
+    print(f"{result['parameters']:,} parameters on {result['device']}, {result['tokens']} tokens, {result['mode']}: "
+          f"scoring {result['scoring_s']:.2f} s, selection + statistics {result['selection_and_statistics_s']:.2f} s "
+          f"(selection {result['selection_s']:.2f} s, statistics {result['statistics_s']:.2f} s): "
+          f"{result['ratio']:.0%} of scoring")
     out_dir = Path(__file__).resolve().parent / "out"
     out_dir.mkdir(exist_ok=True)
     (out_dir / "selection_vs_scoring.json").write_text(json.dumps(result, indent=1))

@@ -31,7 +31,9 @@ SeqLen = Annotated[Optional[int], typer.Option(help="tokens per window [default:
                                                rich_help_panel="Data")]
 MaxSamples = Annotated[Optional[int], typer.Option(help="number of windows (a seeded subset) [default: all]",
                                                    rich_help_panel="Data")]
-BatchSize = Annotated[int, typer.Option(help="windows per forward pass", rich_help_panel="Data")]
+# "\\[" keeps rich from reading the bracket as markup (which would drop the default from the help)
+BatchSize = Annotated[Optional[int], typer.Option(help="windows per forward pass \\[default: the largest that "
+                                                   "fits the device by the plan; 8 on CPU]", rich_help_panel="Data")]
 Seed = Annotated[int, typer.Option(help="seed of the window subset", rich_help_panel="Data")]
 
 OutDir = Annotated[Path, typer.Option(help="run directory for the results", rich_help_panel="Output")]

@@ -15,6 +15,7 @@ from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate, leak_warnings, require_finite
 from esa.manifest import Timer, build_manifest
 from esa.modeling import LoadedModel
+from esa.plan import resolve_batch_size
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, prepare_run_dir
 from esa.session import Session, open_session, validate_data_config
 from esa.windows import Windows
@@ -76,6 +77,7 @@ def run_baseline(config: BaselineConfig, *, command: str = "baseline", session: 
     """Evaluate and write the run; ``session`` reuses a loaded model and its windows (``esa run``)."""
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
     validate_data_config(config.data)
+    resolve_batch_size(config.model, None, config.data, command="baseline")
     timer = Timer()
     with timer.phase("load"):
         session = session or open_session(config.model, config.data)

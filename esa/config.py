@@ -24,7 +24,7 @@ class DataConfig:
     text_file: str | None = None
     seq_len: int | None = None  # None = min(2048, model context)
     max_samples: int | None = None  # None = every window
-    batch_size: int = 8
+    batch_size: int | None = None  # None = the largest that fits the device by the plan; 8 on CPU
     seed: int = 0
 
 

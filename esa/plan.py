@@ -386,7 +386,7 @@ def planned_groups(model, scored: list[TensorInfo], **workload) -> int:
     device = workload["device"]
     if not device.startswith("cuda"):
         return 1
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    total = device_total_memory(torch.device(device))
     try:
         return plan_loaded(model, scored, score_groups=None, device_memory=total, **workload).score_groups
     except (AttributeError, TypeError, ValueError):  # a config the model cannot read: one group, as before
@@ -403,7 +403,7 @@ def refuse_if_it_cannot_fit(model_cfg, sel, data, *, command: str) -> None:
     device = resolve_device(model_cfg.device)
     if device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
+    total = device_total_memory(device)
     try:
         p, _, _ = plan_command(model_cfg, sel, command=command, seq_len=data.seq_len, max_samples=data.max_samples,
                                batch_size=data.batch_size, device_memory=total)
@@ -412,3 +412,47 @@ def refuse_if_it_cannot_fit(model_cfg, sel, data, *, command: str) -> None:
     if not p.fits:
         raise EsaError(f"--batch-size {data.batch_size} cannot fit this GPU by the plan: {p.reason} "
                        f"(see `esa plan`)")
+
+
+CPU_BATCH_SIZE = 8  # the batch size on CPU (and elsewhere off CUDA), where memory is the host's
+
+
+def device_total_memory(device) -> int:
+    """Total memory of a CUDA device, in bytes (what the plan plans against)."""
+    import torch
+
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def planned_batch_size(model_cfg, sel, data, *, command: str, device_memory: int | None = None) -> int:
+    """The batch size of a command whose ``--batch-size`` was not given: on CUDA (or wherever ``device_memory`` is
+    given), the largest that fits the device by :func:`plan_command` — the batch size ``esa plan`` reports, the
+    smallest over the command's phases; elsewhere :data:`CPU_BATCH_SIZE`. The model is built on the meta device
+    from its config, so this runs before any weight is loaded; a config the plan cannot read gives the CPU
+    default."""
+    if device_memory is None:
+        from esa.modeling import resolve_device
+
+        device = resolve_device(model_cfg.device)
+        if device.type != "cuda":
+            return CPU_BATCH_SIZE
+        device_memory = device_total_memory(device)
+    try:
+        p, _, _ = plan_command(model_cfg, sel, command=command, seq_len=data.seq_len, max_samples=data.max_samples,
+                               batch_size=None, device_memory=device_memory)
+    except (AttributeError, TypeError, ValueError):
+        return CPU_BATCH_SIZE
+    return p.batch_size
+
+
+def resolve_batch_size(model_cfg, sel, data, *, command: str, device_memory: int | None = None) -> int:
+    """Fill in ``data.batch_size`` from :func:`planned_batch_size` when it is None (not given), once per run, before
+    the run directory's config is compared or written (so config.json records the batch size used, and a rerun
+    with the same flags on the same device resolves to the same one); returns it. ``sel``: the selection config
+    (None where the command scores nothing)."""
+    if data.batch_size is None:
+        from esa.config import SelectionConfig
+
+        data.batch_size = planned_batch_size(model_cfg, sel or SelectionConfig(), data, command=command,
+                                             device_memory=device_memory)
+    return data.batch_size

@@ -24,6 +24,8 @@ order, so every file is byte-identical to a single-group run.
 from __future__ import annotations
 
 import itertools
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from esa.config import ProfileConfig, SelectionConfig, to_dict
 from esa.errors import EsaError
 from esa.experts import EXPERTS_HEADER, expert_mass, expert_rows
 from esa.manifest import Timer, build_manifest
-from esa.plan import planned_groups, predicted_peak, refuse_if_it_cannot_fit
+from esa.plan import planned_groups, predicted_peak, refuse_if_it_cannot_fit, resolve_batch_size
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, prepare_run_dir, read_csv_rows
 from esa.scorefile import ScoreFile
 from esa.scoring import ScoreSet, check_metric, compute_scores, needs_data, needs_double_backward, ranking_view
@@ -116,7 +118,12 @@ def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_
     """Per scored tensor: its top-k and bottom-k candidates and, with ``summarize``, its tail-statistics summary
     (of |S| for a signed metric). ``skip_unused``: bottom-k leaves out zero-score weights (:mod:`esa.selection`).
 
-    Two selections per buffer: the largest max(k, tail) scores serve both the top-k and the tail statistics.
+    What each buffer costs, all on the score's device: the ranking view (|S|, a copy, for a signed metric only);
+    with ``summarize`` the two streamed moment passes of :func:`esa.tailstats.moments`, whose sum also tells
+    whether every score is finite, and whose zero count is bottom-k's unused count; the seeded sample; then two
+    threshold selections (:func:`esa.selection.threshold_select`: one comparison pass each), the largest
+    max(k, tail) scores serving both the top-k and the tail statistics. Without ``summarize``: one finiteness pass,
+    one zero count and the two selections.
     """
     out = {}
     tail = max(k, MIN_TAIL_VALUES)
@@ -124,11 +131,27 @@ def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_
         if t.name not in scores.scores:
             continue
         s = scores.scores[t.name]
-        top = tensor_candidates(t.name, s, tail if summarize else k, largest=True, metric=scores.metric)
-        bottom = tensor_candidates(t.name, s, k, largest=False, metric=scores.metric, skip_unused=skip_unused)
+        view = ranking_view(s, scores.metric)
+        flat = view.detach().reshape(-1)
+        if summarize:
+            stats = tailstats.moments(flat)
+            finite = math.isfinite(stats[0])  # a float64 sum of float32 values overflows only through inf/NaN
+            unused = stats[1]
+        else:
+            stats = None
+            finite = bool(torch.isfinite(s).all())
+            unused = None
+        if not finite:
+            raise EsaError(f"scores of {t.name} contain NaN or inf: the loss or the weights are broken "
+                           "(check the baseline, or try --dtype float32)")
+        sample = tailstats.draw_sample(flat, seed)
+        top = tensor_candidates(t.name, s, tail if summarize else k, largest=True, metric=scores.metric, view=view,
+                                sample=sample, checked=True)
+        bottom = tensor_candidates(t.name, s, k, largest=False, metric=scores.metric, skip_unused=skip_unused,
+                                   view=view, sample=sample, unused=unused, checked=True)
         summary = None
         if summarize:
-            summary = tailstats.summarize(ranking_view(s, scores.metric), tail, seed=seed, top=top.values)
+            summary = tailstats.summarize(view, tail, seed=seed, top=top.values, sample=sample, stats=stats)
         out[t.name] = Reduced(top, bottom, summary, expert_mass(s) if summarize and t.is_expert_stack else None)
     return out
 
@@ -215,21 +238,57 @@ def _group_key(t: TensorInfo) -> str:
     return t.component
 
 
-def score_statistics(selection: Selection, k: int) -> tuple[dict, list[tuple]]:
-    """(score_stats.json content, tensor_stats.csv rows)."""
-    rows = []
-    per_tensor = {}
-    for t in selection.tensors:
-        d = tailstats.describe(selection.summaries[t.name], k)
-        per_tensor[t.name] = d
-        rows.append((t.name, "" if t.layer is None else t.layer, t.component, *[d.get(c, "") for c in STATS_COLUMNS]))
-    summaries = list(selection.summaries.values())
+STATISTICS_WORKERS_MIN_TENSORS = 64  # below this many distributions the fits run in this process
+
+
+def statistics_workers(n: int) -> int:
+    """Worker processes for ``n`` tail fits: one per available core, none for fewer than
+    :data:`STATISTICS_WORKERS_MIN_TENSORS` (starting a worker costs about what a few dozen fits do)."""
+    if n < STATISTICS_WORKERS_MIN_TENSORS:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, n // 8) if cores > 1 else 0
+
+
+def describe_all(summaries: list[tailstats.TensorSummary], k: int, *, workers: int | None = None,
+                 fallback: bool = True) -> list[dict]:
+    """:func:`esa.tailstats.describe` of each summary, in order. The fits (a Nelder–Mead lognormal and a bounded
+    stretched-exponential maximum likelihood per distribution) are what the statistics phase costs, so with many
+    distributions they run in ``workers`` spawned processes (default :func:`statistics_workers`); each is a pure
+    function of its summary, so the results are the same floats either way. A pool that cannot start falls back
+    to this process (``fallback=False``: the error is raised)."""
+    workers = statistics_workers(len(summaries)) if workers is None else workers
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                return list(pool.map(tailstats.describe, summaries, itertools.repeat(k),
+                                     chunksize=max(1, len(summaries) // (4 * workers))))
+        except (OSError, BrokenProcessPool):
+            if not fallback:
+                raise
+    return [tailstats.describe(s, k) for s in summaries]
+
+
+def score_statistics(selection: Selection, k: int, *, workers: int | None = None) -> tuple[dict, list[tuple]]:
+    """(score_stats.json content, tensor_stats.csv rows); the tail fits through :func:`describe_all`."""
     tail = max(k, MIN_TAIL_VALUES)
-    model_wide = tailstats.describe(tailstats.combine(summaries, tail=tail), k)
     components: dict[str, list[tailstats.TensorSummary]] = {}
     for t in selection.tensors:
         components.setdefault(_group_key(t), []).append(selection.summaries[t.name])
-    per_component = {c: tailstats.describe(tailstats.combine(s, tail=tail), k) for c, s in components.items()}
+    pooled = [tailstats.combine(list(selection.summaries.values()), tail=tail)]
+    pooled += [tailstats.combine(s, tail=tail) for s in components.values()]
+    described = describe_all([selection.summaries[t.name] for t in selection.tensors] + pooled, k, workers=workers)
+    per_tensor = {}
+    rows = []
+    for t, d in zip(selection.tensors, described):
+        per_tensor[t.name] = d
+        rows.append((t.name, "" if t.layer is None else t.layer, t.component, *[d.get(c, "") for c in STATS_COLUMNS]))
+    model_wide = described[len(selection.tensors)]
+    per_component = dict(zip(components, described[len(selection.tensors) + 1:]))
     return {"model": model_wide, "components": per_component, "tensors": per_tensor}, rows
 
 
@@ -376,6 +435,7 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
     """Score, select and write the run; ``session`` reuses a loaded model and its windows (``esa run``)."""
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
     validate_profile(config)
+    resolve_batch_size(config.model, config.selection, config.data, command="profile")
     timer = Timer()
     if session is None:
         refuse_if_it_cannot_fit(config.model, config.selection, config.data, command="profile")

@@ -85,8 +85,10 @@ def same_finished_run(run_dir: Path, config: object) -> bool:
 
 def resolve(cfg: RunbookConfig) -> None:
     """Fill in what loading the model would decide, so that a rerun compares like with like before loading it:
-    the default sequence length (from the model's config) and eager attention for second-order metrics."""
+    the default sequence length (from the model's config), eager attention for second-order metrics, and the batch
+    size from the plan (:func:`esa.plan.resolve_batch_size`)."""
     from esa.modeling import model_context
+    from esa.plan import resolve_batch_size
     from esa.scoring import needs_double_backward
     from esa.windows import default_seq_len
 
@@ -95,6 +97,7 @@ def resolve(cfg: RunbookConfig) -> None:
     if cfg.data.seq_len is None:
         cfg.data.seq_len = default_seq_len(model_context(cfg.model.model, revision=cfg.model.revision,
                                                          trust_remote_code=cfg.model.trust_remote_code))
+    resolve_batch_size(cfg.model, cfg.selection, cfg.data, command="run")
 
 
 def plan(cfg: RunbookConfig, configs: dict[str, object]) -> dict[str, str]:

@@ -25,7 +25,7 @@ def validate_data_config(data: DataConfig) -> None:
     """Checks that need neither the model nor the text, so bad flags fail before anything slow happens."""
     if data.max_samples is not None and data.max_samples < 1:
         raise EsaError(f"--max-samples must be at least 1 (got {data.max_samples})")
-    if data.batch_size < 1:
+    if data.batch_size is not None and data.batch_size < 1:
         raise EsaError(f"--batch-size must be at least 1 (got {data.batch_size})")
     if data.seq_len is not None and data.seq_len < 2:
         raise EsaError(f"--seq-len must be at least 2 (got {data.seq_len})")

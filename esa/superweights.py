@@ -47,6 +47,7 @@ from esa.evaluate import EvalResult, evaluate
 from esa.experts import call_arguments, routed_inputs
 from esa.manifest import Timer, build_manifest
 from esa.perturbation import PerturbSpec, perturbed
+from esa.plan import resolve_batch_size
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, is_finished, prepare_run_dir, read_csv_rows, read_json
 from esa.selection import WeightSet
 from esa.session import open_session
@@ -366,6 +367,7 @@ def run_superweights(config: SuperweightsConfig) -> dict:
     if config.max_iterations < 1:
         raise EsaError("--max-iterations must be at least 1")
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
+    resolve_batch_size(config.model, None, config.data, command="baseline")  # forward passes only
     timer = Timer()
     with timer.phase("load"):
         session = open_session(config.model, config.data)

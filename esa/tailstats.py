@@ -1,8 +1,9 @@
 """Heavy-tail statistics of a score distribution, computed without sorting the whole tensor.
 
 Per tensor (and for the model as a whole) from three exact or seeded ingredients:
-- exact moments in float64, streamed in chunks: mean, standard deviation, excess kurtosis
-  (m4/m2² − 3 with central moments from a second pass), max, number of exact zeros;
+- exact moments in float64, streamed in chunks through three reused float64 buffers (:func:`moments`): mean,
+  standard deviation, excess kurtosis (m4/m2² − 3 with central moments from a second pass), max, number of exact
+  zeros;
 - the exact top ``tail`` scores (:func:`esa.kernels.topk`): the share of the total score mass held by the
   top-k, and the tail fits;
 - a seeded uniform sample (all elements when the tensor has at most ``SAMPLE`` of them) for quantiles and the Gini
@@ -26,12 +27,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from scipy import optimize, special, stats
 
-from esa.kernels import topk
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a buffer is summarized, not here: the statistics (describe, tail_fits) need only numpy
+# and scipy, so the worker processes of esa.profile.describe_all start without it.
 
 SAMPLE = 1 << 16
 CHUNK = 1 << 24
@@ -54,38 +59,71 @@ class TensorSummary:
     sample: np.ndarray  # seeded uniform sample (or every element)
 
 
-def summarize(score: torch.Tensor, tail: int, *, seed: int = 0, top: torch.Tensor | None = None) -> TensorSummary:
-    """``top``: the tensor's exact largest scores, descending, at least min(tail, numel) of them, when the caller
-    has selected them already (one selection then serves top-k and the tail)."""
-    flat = score.detach().reshape(-1)
+def draw_sample(flat: torch.Tensor, seed: int) -> torch.Tensor:
+    """The seeded uniform sample of a flat score buffer (every element when it has at most ``SAMPLE``), on the
+    buffer's device: the summary's sample, and the threshold sample of :func:`esa.selection.threshold_select`."""
+    import torch
+
     n = flat.numel()
+    if n <= SAMPLE:
+        return flat
+    g = torch.Generator().manual_seed(seed)
+    return flat[torch.randint(0, n, (SAMPLE,), generator=g).to(flat.device)]
+
+
+def moments(flat: torch.Tensor) -> tuple[float, int, float, float, float, float]:
+    """(Σx, zeros, max, m2, m3, m4) of a flat buffer, the sums in float64 chunk by chunk (``CHUNK`` elements);
+    m_j = Σ(x − mean)^j / n. Two passes; both reuse the same three float64 chunk buffers on the buffer's device."""
+    import torch
+
+    n = flat.numel()
+    size = min(n, CHUNK)
+    d = torch.empty(size, dtype=torch.float64, device=flat.device)
+    p = torch.empty(size, dtype=torch.float64, device=flat.device)
+    q = torch.empty(size, dtype=torch.float64, device=flat.device)
     total = 0.0
     zeros = 0
     mx = -math.inf
     for s in range(0, n, CHUNK):
-        c = flat[s : s + CHUNK].double()
-        total += float(c.sum())
-        zeros += int((c == 0).sum())
+        c = flat[s : s + CHUNK]
+        x = d[: c.numel()]
+        x.copy_(c)
+        total += float(x.sum())
+        zeros += c.numel() - int(torch.count_nonzero(c))
         mx = max(mx, float(c.max()))
     mean = total / n
     m2 = m3 = m4 = 0.0
     for s in range(0, n, CHUNK):
-        d = flat[s : s + CHUNK].double() - mean
-        d2 = d * d
-        m2 += float(d2.sum())
-        m3 += float((d2 * d).sum())
-        m4 += float((d2 * d2).sum())
-    m2, m3, m4 = m2 / n, m3 / n, m4 / n
+        c = flat[s : s + CHUNK]
+        m = c.numel()
+        x, x2, tmp = d[:m], p[:m], q[:m]
+        x.copy_(c)
+        x.sub_(mean)
+        torch.mul(x, x, out=x2)
+        m2 += float(x2.sum())
+        torch.mul(x2, x, out=tmp)
+        m3 += float(tmp.sum())
+        torch.mul(x2, x2, out=tmp)
+        m4 += float(tmp.sum())
+    return total, zeros, mx, m2 / n, m3 / n, m4 / n
+
+
+def summarize(score: torch.Tensor, tail: int, *, seed: int = 0, top: torch.Tensor | None = None,
+              sample: torch.Tensor | None = None, stats: tuple | None = None) -> TensorSummary:
+    """``top``: the tensor's exact largest scores, descending, at least min(tail, numel) of them, when the caller
+    has selected them already (one selection then serves top-k and the tail); ``sample`` (:func:`draw_sample` with
+    ``seed``) and ``stats`` (:func:`moments`) likewise when the caller has them."""
+    from esa.kernels import topk
+
+    flat = score.detach().reshape(-1)
+    n = flat.numel()
+    total, zeros, mx, m2, m3, m4 = moments(flat) if stats is None else stats
+    mean = total / n
     kurt = m4 / (m2 * m2) - 3.0 if m2 > 0 else float("nan")
     top_values = top[: min(tail, n)] if top is not None else topk(score, min(tail, n), largest=True)[0]
-    if n <= SAMPLE:
-        sample = flat.double().cpu().numpy()
-    else:
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randint(0, n, (SAMPLE,), generator=g).to(flat.device)
-        sample = flat[idx].double().cpu().numpy()
+    sample = draw_sample(flat, seed) if sample is None else sample
     return TensorSummary(n, total, mean, math.sqrt(m2), kurt, mx, zeros, m3, top_values.double().cpu().numpy(),
-                         sample)
+                         sample.double().cpu().numpy())
 
 
 def gini(values: np.ndarray) -> float:
@@ -143,6 +181,23 @@ def _best_fit(aic: dict[str, float], vuong_p: dict[tuple[str, str], float]) -> s
     return "~".join([winner, *tied])
 
 
+_LOG_SQRT_2PI = np.log(np.sqrt(2 * np.pi))
+
+
+def _norm_logpdf(x: np.ndarray, mu: float, sigma: float) -> np.ndarray:
+    """log N(x; μ, σ²) = −z²/2 − ln √(2π) − ln σ with z = (x − μ)/σ: scipy.stats.norm.logpdf's arithmetic, step for
+    step (so the fits below are bit-identical to it), without its per-call argument handling."""
+    if not (sigma > 0 and math.isfinite(sigma)):
+        return stats.norm.logpdf(x, mu, sigma)
+    z = (x - np.float64(mu)) / np.float64(sigma)
+    return (-z**2 / 2.0 - _LOG_SQRT_2PI) - np.log(np.float64(sigma))
+
+
+def _norm_sf(z: float) -> float:
+    """P(Z ≥ z) of a standard normal: Φ(−z), as scipy.stats.norm.sf computes it."""
+    return special.ndtr(-np.float64(z))
+
+
 def tail_fits(top: np.ndarray, m: int | None = None) -> dict:
     """Hill index and power-law / exponential / lognormal fits of the ``m`` largest values (see module doc)."""
     top = np.sort(np.asarray(top, dtype=np.float64))[::-1]
@@ -160,13 +215,15 @@ def tail_fits(top: np.ndarray, m: int | None = None) -> dict:
     ll_exp = np.log(lam) - lam * (x - xmin)
     lx = np.log(x)
 
+    log_xmin = math.log(xmin)
+
     def nll_lognormal(params):
         mu, log_sigma = params
         sigma = math.exp(log_sigma)
-        tail_mass = stats.norm.sf((math.log(xmin) - mu) / sigma)
+        tail_mass = _norm_sf((log_xmin - mu) / sigma)
         if tail_mass <= 0:
             return 1e300
-        return -(stats.norm.logpdf(lx, mu, sigma) - lx - math.log(tail_mass)).sum()
+        return -(_norm_logpdf(lx, mu, sigma) - lx - math.log(tail_mass)).sum()
 
     start = [float(lx.mean()), math.log(max(float(lx.std()), 1e-3))]
     fit = optimize.minimize(nll_lognormal, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-8})

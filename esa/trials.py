@@ -48,6 +48,7 @@ from esa.evaluate import EvalResult, evaluate, require_finite
 from esa.fingerprint import model_fingerprint
 from esa.manifest import Timer, build_manifest
 from esa.perturbation import PerturbSpec, perturbed, validate_spec
+from esa.plan import resolve_batch_size
 from esa.profile import (open_for_selection, read_weights, score_and_select, seeded_selections, validate_selection,
                          write_weights)
 from esa.runio import (MANIFEST, append_jsonl, atomic_write_json, clear_run_files, is_finished, prepare_run_dir,
@@ -275,6 +276,7 @@ def run_perturb(config: PerturbConfig, *, command: str = "perturb", session: Ses
     validate_perturb(config)
     if config.from_profile:
         config = with_profile_selection(config)
+    resolve_batch_size(config.model, config.selection, config.data, command="perturb")
     out_dir, resuming = prepare_perturb_dir(config)
     distributed.barrier()  # every rank has seen the directory as it was before rank 0 changes it
     timer = Timer()

@@ -41,6 +41,7 @@ from esa.evaluate import evaluate, require_finite
 from esa.fingerprint import model_fingerprint
 from esa.manifest import Timer, build_manifest
 from esa.perturbation import PerturbSpec, perturbed
+from esa.plan import resolve_batch_size
 from esa.profile import open_for_selection, scored_tensors
 from esa.runio import (MANIFEST, _json_safe, append_jsonl, atomic_write_csv, atomic_write_json, atomic_write_text,
                        clear_run_files, prepare_run_dir, read_csv_rows, read_json, read_jsonl)
@@ -216,10 +217,13 @@ def _prepare(config: ValidateConfig) -> tuple[Path, bool]:
 
 def run_validate(config: ValidateConfig) -> dict:
     validate_config(config)
+    second_order = any(needs_double_backward(m) for m in (config.metrics or ["hutchinson_diag"]))
+    # scoring (the costliest metric asked for) and single-weight evaluations: perturb's phases
+    resolve_batch_size(config.model, replace(config.selection, metric="hutchinson_diag" if second_order else
+                                             "grad_x_weight"), config.data, command="perturb")
     out_dir, resuming = _prepare(config)
     requested = to_dict(config)  # config.json: what was asked (a resumed run must ask the same)
     timer = Timer()
-    second_order = any(needs_double_backward(m) for m in (config.metrics or ["hutchinson_diag"]))
     # The session opener picks eager attention when its metric needs double backward.
     opener = replace(config.selection, metric="hutchinson_diag" if second_order else "magnitude")
     with timer.phase("load"):

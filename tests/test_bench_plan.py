@@ -1,5 +1,7 @@
 """The plan-vs-measured and selection-vs-scoring benchmarks run on tiny sizes (their real sizes are for the lead)."""
 
+import pytest
+
 from bench.plan_vs_measured import CASES, measure
 from bench.selection_vs_scoring import _parse, run
 
@@ -15,4 +17,5 @@ def test_plan_vs_measured_measures_one_case_in_process():
 def test_selection_vs_scoring_times_both_phases():
     r = run(_parse(["--hidden", "32", "--intermediate", "64", "--vocab", "128", "--heads", "2", "--kv-heads", "2",
                     "--seq-len", "8", "--topk", "5", "--device", "cpu"]))
-    assert r["scoring_s"] > 0 and r["selection_and_statistics_s"] > 0 and r["ratio"] > 0
+    assert r["scoring_s"] > 0 and r["selection_s"] > 0 and r["statistics_s"] > 0 and r["ratio"] > 0
+    assert r["selection_and_statistics_s"] == pytest.approx(r["selection_s"] + r["statistics_s"])

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from esa.errors import EsaError
 from esa.scoring import ScoreSet
-from esa.selection import jaccard, overlap_at_k, select_extreme, select_random
+from esa.selection import (THRESHOLD_MIN_NUMEL, jaccard, overlap_at_k, select_extreme, select_random,
+                           tensor_candidates, threshold_select)
 from esa.tensors import TensorInfo
 
 
@@ -138,3 +139,49 @@ def test_bottom_k_leaves_out_unused_weights_and_counts_them(arrays, k, mode):
     old = select_extreme(make_scores(arrays), k, mode, largest=False)
     assert "unused_left_out" not in old.meta
     assert len(old) == (min(k, sum(a.size for a in arrays)) if mode == "global" else sum(min(k, a.size) for a in arrays))
+
+
+# ---------------------------------------------------------------------------------- the threshold selection
+def reference_extreme(x: torch.Tensor, k: int, largest: bool, skip_zeros: bool) -> tuple[list, list]:
+    """(values, flat indices) of a full stable sort by value (descending for top-k), ties to the lower index."""
+    v = x.double().numpy()
+    idx = np.arange(v.size)
+    if skip_zeros:
+        idx = idx[v != 0]
+    order = np.lexsort((idx, -v[idx] if largest else v[idx]))
+    chosen = idx[order][:k]
+    return v[chosen].tolist(), chosen.tolist()
+
+
+@pytest.mark.parametrize("largest,skip_zeros", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("case", ["continuous", "ties", "mostly_zero", "constant"])
+def test_threshold_selection_equals_a_full_sort(largest, skip_zeros, case):
+    """Large enough to take the threshold path (more than THRESHOLD_MIN_NUMEL elements): ties at the k-th value,
+    many zeros (bottom-k with and without unused weights) and a constant buffer (the path must give up)."""
+    gen = torch.Generator().manual_seed(len(case) + 3 * largest + skip_zeros)
+    n = 3 * THRESHOLD_MIN_NUMEL + 17
+    if case == "continuous":
+        x = torch.rand(n, generator=gen) ** 4
+    elif case == "ties":
+        x = torch.randint(0, 50, (n,), generator=gen).float() / 8
+    elif case == "mostly_zero":
+        x = torch.where(torch.rand(n, generator=gen) < 0.9, 0.0, torch.rand(n, generator=gen))
+    else:
+        x = torch.full((n,), 0.25)
+    for k in (1, 100, 1500):
+        found = threshold_select(x, k, largest=largest, skip_zeros=skip_zeros)
+        values, index = reference_extreme(x, k, largest, skip_zeros)
+        if found is not None:
+            assert found[1].tolist() == index and found[0].double().tolist() == values
+        elif case in ("continuous", "mostly_zero") and (largest or skip_zeros):
+            pytest.fail("the threshold path gave up on a buffer where it should not")
+        c = tensor_candidates("x", x, k, largest=largest, skip_unused=skip_zeros)  # either path: always exact
+        assert c.index.tolist() == index and c.values.double().tolist() == values
+
+
+def test_threshold_selection_gives_up_on_a_misleading_sample():
+    """A sample that puts the threshold above the k-th value lets fewer than k through: None, never a wrong set."""
+    x = torch.arange(4 * THRESHOLD_MIN_NUMEL, dtype=torch.float32)
+    assert threshold_select(x, 100, largest=True, sample=torch.tensor([x.max().item()] * 64)) is None
+    found = threshold_select(x, 100, largest=True, sample=x[::64])
+    assert found is not None and found[1].tolist() == list(range(x.numel() - 1, x.numel() - 101, -1))
