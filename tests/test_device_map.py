@@ -177,6 +177,23 @@ def test_weights_per_device_follow_the_longest_prefix():
         placement.weight_bytes_per_device(model, {"model": 0})
 
 
+def test_score_groups_of_a_split_model_fit_every_gpu(monkeypatch):
+    """With CUDA mocked: a split model gets the fewest score groups with which each GPU's share fits."""
+    from types import SimpleNamespace
+
+    from esa.plan import planned_groups
+
+    model = random_model("llama")
+    model.hf_device_map = {"model": 0, "lm_head": 1}
+    scored = [t for t, _ in select_tensors(model)]
+    workload = dict(command="profile", metric="grad_x_weight", seq_len=16, n_windows=4, batch_size=1,
+                    hutchinson_probes=8, device="cuda:0")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=1 << 40))
+    assert planned_groups(model, scored, **workload) == 1
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=1 << 10))
+    assert planned_groups(model, scored, **workload) == len(scored)  # nothing fits: the most groups
+
+
 # ----------------------------------------------------------------------------------------------- top-k merge
 @pytest.mark.parametrize("largest", [True, False])
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -349,3 +366,24 @@ def test_plan_per_device_for_mixtral_on_two_gpus(tmp_path):
     path.write_text(json.dumps({"": 0}))
     result = run(*base, "--device-map", path, "--max-memory", "0=75GiB")
     assert result.exit_code == 1 and "cuda:0 needs" in result.output
+
+
+# ----------------------------------------------------------------------------------------------- bench script
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_device_map_check_stops_without_cuda(tmp_path, capsys):
+    from bench import device_map_check
+
+    assert device_map_check.main(["--out-dir", str(tmp_path / "out")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_device_map_check_dry_run_on_cpu(tmp_path):
+    """The script's CPU path (an all-cpu map): every command runs and the split equals the one-device run."""
+    from bench import device_map_check
+
+    assert device_map_check.main(["--cpu", "--out-dir", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ok"] and summary["baseline_max_abs_diff"] == 0.0
+    assert summary["profile_on_split"]["exit"] == 0  # nothing offloaded: the gradient metric runs
+    assert set(summary["perturb_trials"]) >= {"baseline", "super/seed0", "random_k/set0"}
