@@ -75,6 +75,8 @@ def baseline(
     model: o.Model = None,
     dtype: o.Dtype = "auto",
     device: o.Device = "auto",
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
     revision: o.Revision = None,
     trust_remote_code: o.TrustRemoteCode = False,
     attn_implementation: o.AttnImplementation = None,
@@ -93,7 +95,8 @@ def baseline(
     from esa.config import BaselineConfig
 
     config = BaselineConfig(
-        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation),
+        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation, device_map,
+                             max_memory),
         data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
         out_dir=str(out_dir), overwrite=overwrite,
     )
@@ -126,6 +129,8 @@ def profile(
     model: o.Model = None,
     dtype: o.Dtype = "auto",
     device: o.Device = "auto",
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
     revision: o.Revision = None,
     trust_remote_code: o.TrustRemoteCode = False,
     attn_implementation: o.AttnImplementation = None,
@@ -161,7 +166,8 @@ def profile(
     from esa.profile import run_profile
 
     config = ProfileConfig(
-        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation),
+        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation, device_map,
+                             max_memory),
         data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
         selection=o.selection_config(metric, mode, topk, include, exclude, include_biases, include_norms,
                                      hutchinson_probes, hessian_budget, bottom_k_include_unused,
@@ -262,6 +268,8 @@ def perturb(
     model: o.Model = None,
     dtype: o.Dtype = "auto",
     device: o.Device = "auto",
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
     revision: o.Revision = None,
     trust_remote_code: o.TrustRemoteCode = False,
     attn_implementation: o.AttnImplementation = None,
@@ -308,7 +316,8 @@ def perturb(
     from esa.trials import run_perturb
 
     config = PerturbConfig(
-        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation),
+        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation, device_map,
+                             max_memory),
         data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
         selection=o.selection_config(metric, mode, topk, include, exclude, include_biases, include_norms,
                                      hutchinson_probes, hessian_budget, bottom_k_include_unused,
@@ -366,6 +375,8 @@ def superweights(
     model: o.Model = None,
     dtype: o.Dtype = "auto",
     device: o.Device = "auto",
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
     revision: o.Revision = None,
     trust_remote_code: o.TrustRemoteCode = False,
     attn_implementation: o.AttnImplementation = None,
@@ -398,7 +409,8 @@ def superweights(
     from esa.superweights import run_superweights
 
     config = SuperweightsConfig(
-        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation),
+        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation, device_map,
+                             max_memory),
         data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
         prompt=prompt, threshold=threshold, relative_threshold=relative_threshold, iterate=iterate,
         max_iterations=max_iterations, from_profile=str(from_profile) if from_profile else None, mediation=mediation,
@@ -437,6 +449,8 @@ def validate(
     model: o.Model = None,
     dtype: o.Dtype = "auto",
     device: o.Device = "auto",
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
     revision: o.Revision = None,
     trust_remote_code: o.TrustRemoteCode = False,
     attn_implementation: o.AttnImplementation = None,
@@ -473,7 +487,8 @@ def validate(
     from esa.validate import run_validate
 
     config = ValidateConfig(
-        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation),
+        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation, device_map,
+                             max_memory),
         data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
         selection=o.selection_config("magnitude", "global", topk, include, exclude, include_biases, include_norms,
                                      hutchinson_probes, hessian_budget),
@@ -540,6 +555,8 @@ def run(
     max_samples: o.MaxSamples = None,
     batch_size: o.BatchSize = None,
     device: o.Device = "auto",
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
     save_plots: o.SavePlots = False,
     out_dir: o.OutDir = Path("runs/runbook"),
     perturb: Annotated[Optional[str], typer.Option(help="zero | sign_flip | gauss_noise | bit_flip [default: no "
@@ -570,7 +587,7 @@ def run(
 
     dataset = resolve_dataset(dataset, model, str(text_file) if text_file else None)
     config = RunbookConfig(
-        model=o.model_config(model, dtype, device, None, False, None),
+        model=o.model_config(model, dtype, device, None, False, None, device_map, max_memory),
         data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
         selection=o.selection_config(metric, mode, topk, include, exclude, False, False, hutchinson_probes, 4096),
         perturb=perturb, perturb_scale=perturb_scale, perturb_prob=perturb_prob, bits=bits,
@@ -628,6 +645,8 @@ def plan(
     mode: o.Mode = "per_layer",
     topk: o.TopK = 100,
     device: o.Device = "auto",
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
     save_plots: o.SavePlots = False,
     out_dir: Annotated[Optional[Path], typer.Option(help="ignored (planning writes nothing)")] = None,
     perturb_scale: o.PerturbScale = 1.0,
@@ -637,16 +656,22 @@ def plan(
     import json
 
     from esa.errors import EsaError
-    from esa.plan import format_plan, parse_size, plan_command
+    from esa.plan import format_plan, parse_size, plan_command, plan_split
 
+    if device_memory is None and device_map and max_memory:  # a split model: the largest GPU share given
+        from esa.placement import parse_max_memory
+
+        gpus = [v for k, v in (parse_max_memory(",".join(max_memory)) or {}).items() if isinstance(k, int)]
+        device_memory = str(max(gpus)) if gpus else None
     if device_memory is None:
         import torch
 
         if not torch.cuda.is_available():
             raise EsaError("no GPU here: give --device-memory, e.g. --device-memory 80GB")
         device_memory = str(torch.cuda.get_device_properties(0).total_memory)
-    result, _, _ = plan_command(
-        o.model_config(model, dtype, "cuda", revision, trust_remote_code, None),
+    model_cfg = o.model_config(model, dtype, "cuda", revision, trust_remote_code, None, device_map, max_memory)
+    result, shape, workload = plan_command(
+        model_cfg,
         o.selection_config(metric, mode, topk, include, exclude, include_biases, include_norms, hutchinson_probes,
                            4096, score_groups),
         command=command, seq_len=seq_len, max_samples=max_samples, batch_size=batch_size, perturb=perturb is not None,
@@ -654,12 +679,17 @@ def plan(
         control_sets=control_sets if "random_k" in o.parse_controls(controls) else 0, seeds=len(o.parse_seeds(seeds)),
         stability_check=stability_check, stability_fraction=stability_fraction,
         device_memory=parse_size(device_memory))
+    fits = result.fits
+    split = plan_split(shape, model_cfg, workload, parse_size(device_memory)) if device_map else None
+    if split is not None:
+        fits = split[1]
     if json_output:
-        print(json.dumps(result.as_dict(), indent=1))
+        extra = {} if split is None else {"device_map": {"lines": split[0], "fits": split[1], "reason": split[2]}}
+        print(json.dumps({**result.as_dict(), **extra}, indent=1))
     else:
-        for line in format_plan(result):
+        for line in format_plan(result) + (split[0] + ([f"reason: {split[2]}"] if split[2] else []) if split else []):
             console.print(line, markup=False)
-    if not result.fits:
+    if not fits:
         raise typer.Exit(1)
 
 

@@ -20,6 +20,12 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="allo
                                                rich_help_panel="Model")]
 AttnImplementation = Annotated[Optional[str], typer.Option(help="eager | sdpa | flash_attention_2 ...",
                                                            rich_help_panel="Model")]
+DeviceMap = Annotated[Optional[str], typer.Option(help="split the model across devices with accelerate: auto | "
+                                                  "balanced | sequential | FILE.json (module name → device) "
+                                                  "[default: the whole model on --device]", rich_help_panel="Model")]
+MaxMemory = Annotated[Optional[list[str]], typer.Option(help="memory per device for --device-map, e.g. 0=70GiB "
+                                                        "(repeatable) or 0=70GiB,1=70GiB,cpu=200GiB",
+                                                        rich_help_panel="Model")]
 
 Dataset = Annotated[str, typer.Option(help="embedded (held-out Python docs) | wikitext2 (raw test split)",
                                       rich_help_panel="Data")]
@@ -41,9 +47,11 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace a finished
                                          rich_help_panel="Output")]
 
 
-def model_config(model, dtype, device, revision, trust_remote_code, attn_implementation) -> ModelConfig:
+def model_config(model, dtype, device, revision, trust_remote_code, attn_implementation, device_map=None,
+                 max_memory=None) -> ModelConfig:
     return ModelConfig(model=model, dtype=dtype, device=device, revision=revision,
-                       trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+                       trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+                       device_map=device_map, max_memory=",".join(max_memory) if max_memory else None)
 
 
 def data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed) -> DataConfig:

@@ -66,7 +66,9 @@ def check_finite_weights(model) -> None:
     """Refuse a model whose weights hold NaN or Inf, naming the first such tensor (one pass, tensor by tensor)."""
     import torch
 
-    for name, p in model.named_parameters():
+    from esa.placement import weight_tensors
+
+    for name, p in weight_tensors(model, writable=False).items():  # offloaded weights: accelerate's copies
         bad = int((~torch.isfinite(p.detach())).sum())
         if bad:
             raise EsaError(f"the model's weights are broken: {name} holds {bad:,} NaN/Inf value(s) of {p.numel():,}; "

@@ -15,6 +15,8 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    device_map: str | None = None  # auto | balanced | sequential | FILE.json: split the model with accelerate
+    max_memory: str | None = None  # per device for --device-map, e.g. "0=70GiB,1=70GiB,cpu=200GiB"
 
 
 @dataclass

@@ -74,7 +74,10 @@ class EvalResult:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where token ids go: the input embedding's device (the first device of a model split with a device map)."""
+    from esa.placement import input_device
+
+    return input_device(model)
 
 
 def chunk_tokens_for(vocab_size: int, budget_bytes: int = LOGIT_CHUNK_BYTES) -> int:
@@ -112,10 +115,11 @@ def window_nll(model: torch.nn.Module, batch: torch.Tensor, *, with_correct: boo
     """Summed next-token NLL of each window of ``batch`` [B, L] (float64 [B], differentiable when grad is on) and,
     with ``with_correct``, its top-1 hits (int64 [B]). See the module docstring for the chunked path."""
     n_windows, length = batch.shape
-    correct = torch.zeros(n_windows, dtype=torch.int64, device=batch.device) if with_correct else None
     parts = output_head(model)
     if parts is None:
         logits = model(input_ids=batch, use_cache=False).logits
+        batch = batch.to(logits.device)  # a split model's logits are on its last device
+        correct = torch.zeros(n_windows, dtype=torch.int64, device=batch.device) if with_correct else None
         per_window = []
         for i in range(n_windows):  # one window at a time bounds the fp32 copy of the logits
             lg = _float_logits(logits[i, :-1])
@@ -124,10 +128,15 @@ def window_nll(model: torch.nn.Module, batch: torch.Tensor, *, with_correct: boo
                 correct[i] = (lg.argmax(dim=-1) == batch[i, 1:]).sum()
         return torch.stack(per_window), correct
     base, head = parts
-    targets = batch[:, 1:].reshape(-1)
-    window_of = torch.arange(n_windows, device=batch.device).repeat_interleave(length - 1)
-    sums = torch.zeros(n_windows, dtype=torch.float64, device=batch.device)
     hidden = base(input_ids=batch, use_cache=False)[0][:, :-1].reshape(-1, head.in_features)
+    # The loss is computed on the output head's device (the last one of a split model); the ids come along.
+    from esa.placement import module_device
+
+    on = module_device(head)
+    hidden, targets = hidden.to(on), batch[:, 1:].reshape(-1).to(on)
+    correct = torch.zeros(n_windows, dtype=torch.int64, device=on) if with_correct else None
+    window_of = torch.arange(n_windows, device=on).repeat_interleave(length - 1)
+    sums = torch.zeros(n_windows, dtype=torch.float64, device=on)
     step = chunk_tokens or chunk_tokens_for(head.out_features)
     # With several chunks, each is recomputed in backward so that no chunk's logits wait for it; a single chunk is
     # within the budget anyway, and recomputing it would only cost time.

@@ -60,8 +60,11 @@ def named_fingerprints(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dic
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """One digest over every parameter (by name), e.g. to record which weights a run measured."""
+    """One digest over every parameter (by name), e.g. to record which weights a run measured; each is hashed on
+    its own device (a split model's too; offloaded weights through the copies accelerate keeps)."""
+    from esa.placement import weight_tensors
+
     h = hashlib.sha256()
-    for name, fp in named_fingerprints(model.named_parameters()).items():
+    for name, fp in named_fingerprints(weight_tensors(model, writable=False).items()).items():
         h.update(f"{name}={fp};".encode())
     return h.hexdigest()

@@ -25,8 +25,9 @@ class LoadedModel:
     source: str  # "embedded", "local" or "hub"
     revision: str | None
     dtype: torch.dtype
-    device: torch.device
+    device: torch.device  # where the token ids go: the input embedding's device (the first of a split model)
     max_positions: int | None
+    device_map: str | None = None  # --device-map as given (None: the whole model on ``device``)
 
     def describe(self) -> dict:
         return {
@@ -39,7 +40,16 @@ class LoadedModel:
             "max_positions": self.max_positions,
             "n_parameters": sum(p.numel() for p in self.model.parameters()),
             "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+            **(self._placement() if self.device_map else {}),
         }
+
+    def _placement(self) -> dict:
+        from esa.placement import devices_of, is_offloaded
+
+        placed = getattr(self.model, "hf_device_map", None) or {}
+        return {"device_map": self.device_map, "devices": devices_of(self.model), "offloaded": is_offloaded(self.model),
+                "modules_per_device": {str(d): sum(1 for v in placed.values() if v == d)
+                                       for d in dict.fromkeys(placed.values())}}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -158,17 +168,32 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    device_map: str | None = None,
+    max_memory: str | None = None,
 ) -> LoadedModel:
     """Load ``model`` (hub id, local directory, or None for the embedded tiny model) for evaluation.
 
     The model is put in eval mode (no dropout) with ``requires_grad`` off everywhere; scoring turns it on for
-    the tensors it scores. Failures become one-line :class:`EsaError` messages.
+    the tensors it scores. Failures become one-line :class:`EsaError` messages. With ``device_map`` (auto,
+    balanced, sequential or a JSON file; see :mod:`esa.placement`) accelerate splits the model across devices
+    within ``max_memory`` (e.g. ``0=70GiB,cpu=200GiB``) instead of putting it on ``device``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from esa.placement import offload_folder, parse_device_map, parse_max_memory, uses_gpu
+
     target, source = _locate(model)
-    dev = resolve_device(device)
+    placement = parse_device_map(device_map)
+    memory = parse_max_memory(max_memory)
+    if memory is not None and placement is None:
+        raise EsaError("--max-memory needs --device-map (e.g. --device-map auto)")
+    if placement is not None and device != "auto":
+        raise EsaError(f"--device {device} and --device-map are exclusive: the device map places the model")
+    if placement is not None:
+        dev = torch.device("cuda") if uses_gpu(placement, memory) else torch.device("cpu")
+    else:
+        dev = resolve_device(device)
     hub_kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -177,11 +202,15 @@ def load_model(
     kwargs = dict(hub_kwargs, dtype=torch_dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if placement is not None:
+        kwargs.update(device_map=placement, max_memory=memory, offload_folder=offload_folder())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             net = AutoModelForCausalLM.from_pretrained(target, config=config, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError) as e:
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
+        if placement is None and isinstance(e, RuntimeError):
+            raise
         raise EsaError(f"cannot load model weights of {model or target!r}: {_short(e)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, **hub_kwargs)
@@ -189,7 +218,12 @@ def load_model(
         raise EsaError(f"cannot load the tokenizer of {model or target!r}: {_short(e)}") from None
     logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
 
-    net.to(dev)
+    if placement is None:
+        net.to(dev)
+    else:
+        from esa.placement import input_device
+
+        dev = input_device(net)
     net.eval()
     net.requires_grad_(False)
     max_positions = _max_positions(config)
@@ -202,6 +236,7 @@ def load_model(
         dtype=torch_dtype,
         device=dev,
         max_positions=max_positions,
+        device_map=device_map,
     )
 
 

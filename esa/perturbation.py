@@ -74,13 +74,17 @@ def perturbed(params: dict[str, torch.Tensor], weights: WeightSet, spec: Perturb
     missing = [n for n in groups if n not in params]
     if missing:
         raise EsaError(f"the model has no tensor named {missing[0]!r} (from the weight set)")
+    offloaded = [n for n in groups if params[n].device.type == "meta"]
+    if offloaded:
+        raise EsaError(f"{offloaded[0]} is offloaded (on the meta device): perturb the copies that "
+                       "esa.placement.weight_tensors(model) gives")
     before = {name: tensor_fingerprint(params[name]) for name in groups} if verify else {}
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     applied = Applied()
     try:
         with torch.no_grad():
             for name, idx in groups.items():
-                w = params[name].data
+                w = params[name].data  # on its own device: a split model is perturbed where each tensor lives
                 idx = idx.to(w.device)
                 if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= w.numel()):
                     raise EsaError(f"flat index out of range for {name} ({w.numel()} elements)")

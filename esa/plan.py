@@ -386,6 +386,11 @@ def planned_groups(model, scored: list[TensorInfo], **workload) -> int:
     device = workload["device"]
     if not device.startswith("cuda"):
         return 1
+    if len(set(getattr(model, "hf_device_map", None) or {0: 0}.values())) > 1:  # split with --device-map
+        try:
+            return split_groups(model, scored, **workload)
+        except (AttributeError, TypeError, ValueError):
+            return 1
     total = device_total_memory(torch.device(device))
     try:
         return plan_loaded(model, scored, score_groups=None, device_memory=total, **workload).score_groups
@@ -400,6 +405,8 @@ def refuse_if_it_cannot_fit(model_cfg, sel, data, *, command: str) -> None:
 
     from esa.modeling import resolve_device
 
+    if getattr(model_cfg, "device_map", None):  # a split model: the one-device plan does not apply (esa plan)
+        return
     device = resolve_device(model_cfg.device)
     if device.type != "cuda":
         return
@@ -456,3 +463,95 @@ def resolve_batch_size(model_cfg, sel, data, *, command: str, device_memory: int
         data.batch_size = planned_batch_size(model_cfg, sel or SelectionConfig(), data, command=command,
                                              device_memory=device_memory)
     return data.batch_size
+
+
+# ----------------------------------------------------------------------------------------------- a split model
+SPLIT_PARTS = ("weights", "score_buffers", "gradients", "probes", "activations")  # shared by the weights' share
+
+
+def device_peaks(p: Plan, per_device: dict[str, int], head: str | None) -> dict[str, float]:
+    """Each device's predicted peak over the phases of ``p`` (see :func:`plan_split` for the sharing rule)."""
+    total = sum(per_device.values()) or 1
+    return {d: max(sum(ph.parts.get(k, 0) for k in SPLIT_PARTS) * weights / total + ph.parts.get("workspace", 0)
+                   + (ph.parts.get("logits", 0) if d == head else 0) for ph in p.phases)
+            for d, weights in per_device.items()}
+
+
+def split_groups(model, scored: list[TensorInfo], **workload) -> int:
+    """The fewest score groups for which every GPU of a split model (``model.hf_device_map``) fits its memory by
+    :func:`device_peaks`; the most groups when none fits (the run then tries anyway)."""
+    import torch
+
+    from esa.placement import weight_bytes_per_device
+
+    placed = model.hf_device_map
+    per_device = weight_bytes_per_device(model, placed)
+    head = next((f"cuda:{d}" if isinstance(d, int) else str(d) for name, d in placed.items()
+                 if name in ("lm_head", "embed_out", "output")), None)
+    limits = {d: torch.cuda.get_device_properties(torch.device(d)).total_memory * HEADROOM
+              for d in per_device if d.startswith("cuda")}
+    n = max(1, len(scored))
+    for groups in range(1, n + 1):
+        peaks = device_peaks(plan_loaded(model, scored, score_groups=groups, **workload), per_device, head)
+        if all(peaks[d] <= limit for d, limit in limits.items()):
+            return groups
+    return n
+
+
+def plan_split(shape: ModelShape, model_cfg, w: Workload, device_memory: int) -> tuple[list[str], bool, str | None]:
+    """Per-device peaks of a model split with ``--device-map`` (see :mod:`esa.placement`): the device map is the
+    one accelerate makes (or the FILE.json), each device's weights are summed from it, and each phase's parts
+    are shared as its weights are — device d with share f_d of the weights holds
+
+        f_d · (weights + score buffers + gradients + probes + activations) + workspace (+ logits on the head's),
+
+    the activations following the layers it holds (their share of the weights). A GPU's limit is its
+    ``--max-memory`` entry, else ``device_memory``; CPU and disk entries are the host's and are not checked, but
+    with a GPU they offload, which the gradient metrics refuse. Score groups (unless given) are the fewest with
+    which every GPU fits, at batch size 1 unless given. Returns (lines, fits, reason)."""
+    import dataclasses
+
+    from esa.modeling import DTYPES, meta_model
+    from esa.placement import infer_device_map, parse_device_map, parse_max_memory, weight_bytes_per_device
+
+    dtype = {2: DTYPES["bfloat16"], 4: DTYPES["float32"], 8: DTYPES["float64"]}[w.dtype_bytes]
+    placement = parse_device_map(model_cfg.device_map)
+    memory = parse_max_memory(model_cfg.max_memory) or {}
+    model = meta_model(model_cfg.model, dtype=dtype, revision=model_cfg.revision,
+                       trust_remote_code=model_cfg.trust_remote_code)
+    if isinstance(placement, str):
+        placement = infer_device_map(model, placement, memory or None, dtype=dtype)
+    per_device = weight_bytes_per_device(model, placement, dtype)
+    head = next((d for name, d in placement.items() if name in ("lm_head", "embed_out", "output")), None)
+    head = None if head is None else (f"cuda:{head}" if isinstance(head, int) else str(head))
+    total = sum(per_device.values())
+    gpus = [d for d in per_device if d.startswith("cuda")]
+    lines = [f"device map {model_cfg.device_map}: weights on {', '.join(per_device)} "
+             f"(accelerate's placement{', within --max-memory' if memory else ''})"]
+    fits, reason = True, None
+    offloaded = [d for d in per_device if d == "disk" or (d == "cpu" and gpus)]
+    if offloaded and w.command in ("profile", "run") and w.metric not in ("magnitude", "act_mag"):
+        fits, reason = False, (f"the device map offloads weights to {' and '.join(offloaded)}, which --metric "
+                               f"{w.metric} (gradients) refuses: give the GPUs more --max-memory or use more GPUs")
+    limits = {d: memory.get(int(d[5:]), device_memory) for d in gpus}
+    candidates = [w.score_groups] if w.score_groups else range(1, max(1, len(shape.tensors)) + 1)
+    for groups in candidates:
+        p = plan(shape, dataclasses.replace(w, score_groups=groups, batch_size=w.batch_size or 1), 1 << 62)
+        peaks = device_peaks(p, per_device, head)
+        if all(peaks[d] <= limit * HEADROOM for d, limit in limits.items()):
+            break
+    lines.append(f"  per device at batch size {p.batch_size}, score groups {p.score_groups}:")
+    for d, weights in per_device.items():
+        share, peak = weights / total, peaks[d]
+        limit = limits.get(d)
+        status = "host memory, not checked" if limit is None else (
+            f"of {limit / GiB:.1f} GiB: {'fits' if peak <= limit * HEADROOM else 'does NOT fit'}")
+        lines.append(f"  {d:<8} weights {weights / GiB:8.2f} GiB ({share:.0%}); peak ≈ {peak / GiB:.2f} GiB "
+                     f"{status}")
+        if limit is not None and peak > limit * HEADROOM and fits:
+            fits, reason = False, (f"{d} needs ≈ {peak / GiB:.1f} GiB, over {HEADROOM:.0%} of its {limit / GiB:.1f} "
+                                   "GiB: shorten --seq-len, narrow --include, or add a GPU")
+    lines.append("assumption: per device, each phase's weights, scores, gradients, probes and activations follow "
+                 "its share of the weights; the logits sit on the output head's device; the single-device plan "
+                 "above is the whole model on one device")
+    return lines, fits, reason

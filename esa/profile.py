@@ -38,6 +38,7 @@ from esa.config import ProfileConfig, SelectionConfig, to_dict
 from esa.errors import EsaError
 from esa.experts import EXPERTS_HEADER, expert_mass, expert_rows
 from esa.manifest import Timer, build_manifest
+from esa.placement import weight_tensors
 from esa.plan import planned_groups, predicted_peak, refuse_if_it_cannot_fit, resolve_batch_size
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, prepare_run_dir, read_csv_rows
 from esa.scorefile import ScoreFile
@@ -442,7 +443,7 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
     with timer.phase("load"):
         session = session or open_for_selection(config.model, config.data, config.selection)
     model = session.loaded.model
-    params = dict(model.named_parameters())
+    params = weight_tensors(model, writable=False)  # offloaded weights: the copies accelerate keeps
     sel = config.selection
     score_file = _open_score_file(out_dir, model, sel, session.windows.n, config.data.batch_size) \
         if config.save_scores and distributed.is_main() else None  # under torchrun, rank 0 writes

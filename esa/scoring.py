@@ -62,10 +62,11 @@ import torch
 
 from esa import distributed
 from esa.errors import EsaError
-from esa.evaluate import mean_loss
+from esa.evaluate import mean_loss, model_device
 from esa.experts import call_arguments, is_fused_experts, routed_inputs
 from esa.kernels import accumulate_
 from esa.modeling import set_attention
+from esa.placement import is_offloaded, refuse_offload, weight_tensors
 from esa.progress import progress_bar
 from esa.tensors import TensorInfo
 
@@ -210,6 +211,7 @@ def compute_scores(
     check_metric(metric)
     if not tensors:
         raise EsaError("no tensor is selected for scoring; check --include/--exclude")
+    refuse_offload(model, metric)
     if needs_data(metric) and (input_ids is None or input_ids.shape[0] == 0):
         raise EsaError(f"--metric {metric} needs evaluation windows")
     if metric == "hessian_diag":
@@ -226,10 +228,14 @@ def compute_scores(
     spanned = {info.name: p for info, p in tensors}  # the probe of hutchinson_diag spans all of them
     tensors = [(info, p) for info, p in tensors if info.name in wanted]
     infos = [info for info, _ in tensors]
+    if is_offloaded(model):  # magnitude or act_mag (refused above otherwise): the weights accelerate keeps aside
+        stored = weight_tensors(model, writable=False)
+        tensors = [(info, stored.get(info.name, p)) for info, p in tensors]
     params = {info.name: p for info, p in tensors}
+    # Each score buffer lives with its tensor, on that tensor's device (a split model keeps every score local).
     scores = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
     batches = _batches(input_ids, batch_size) if input_ids is not None else []
-    device = next(model.parameters()).device
+    device = model_device(model)  # the input embedding's: a split model's first device
     meta: dict = {}
 
     if metric == "magnitude":
@@ -320,7 +326,8 @@ def _probe_hessian(model, params, scores, batches, device, probes: int, seed: in
                 on_gradients(grads)
             for i in range(probes):
                 key[:] = [b, i]
-                g_dot_z = sum(_ProbeDot.apply(g, (seed, n, b, i)) for n, g in zip(names, grads))
+                # each g · z on its tensor's device, the scalars summed on the first device (a split model)
+                g_dot_z = sum(_ProbeDot.apply(g, (seed, n, b, i)).to(device) for n, g in zip(names, grads))
                 g_dot_z.backward(retain_graph=i < probes - 1)
                 bar.advance()
             del grads
@@ -404,20 +411,22 @@ def _act_mag(model, tensors, scores, batches, device) -> dict:
     for info, p in tensors:
         owner = info.name.rpartition(".")[0]
         module = model.get_submodule(owner) if "." in info.name else None
-        if (isinstance(module, torch.nn.Linear) or info.component == "moe.router") \
-                and getattr(module, "weight", None) is p and p.dim() == 2:
+        # ``p`` is the weight itself, or for an offloaded one (its parameter on ``meta``) the copy accelerate keeps.
+        weight = getattr(module, "weight", None)
+        own = weight is not None and (weight is p or weight.device.type == "meta")
+        if (isinstance(module, torch.nn.Linear) or info.component == "moe.router") and own and p.dim() == 2:
             acc = sumsq[info.name] = torch.zeros(p.shape[1], dtype=torch.float32, device=p.device)
 
-            def hook(mod, inputs, output, acc=acc):
-                x = inputs[0].detach().float()
+            def hook(mod, inputs, output, acc=acc):  # a split model's hook sees the inputs before they move
+                x = inputs[0].detach().to(acc.device).float()
                 acc += x.pow(2).reshape(-1, x.shape[-1]).sum(dim=0)
 
             handles.append(module.register_forward_hook(hook))
-        elif isinstance(module, torch.nn.Embedding) and module.weight is p:
+        elif isinstance(module, torch.nn.Embedding) and own:
             acc = sumsq[info.name] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
 
             def hook(mod, inputs, output, acc=acc):
-                ids = inputs[0].reshape(-1)
+                ids = inputs[0].reshape(-1).to(acc.device)
                 acc += torch.bincount(ids, minlength=acc.numel()).to(acc.dtype)
 
             handles.append(module.register_forward_hook(hook))

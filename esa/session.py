@@ -37,7 +37,8 @@ def open_session(model_cfg: ModelConfig, data: DataConfig) -> Session:
     corpus = load_corpus(data.dataset, text_file=data.text_file, dataset_path=data.dataset_path)
     loaded = load_model(model_cfg.model, dtype=model_cfg.dtype, device=model_cfg.device, revision=model_cfg.revision,
                         trust_remote_code=model_cfg.trust_remote_code,
-                        attn_implementation=model_cfg.attn_implementation)
+                        attn_implementation=model_cfg.attn_implementation, device_map=model_cfg.device_map,
+                        max_memory=model_cfg.max_memory)
     if data.seq_len is None:
         data.seq_len = default_seq_len(loaded.max_positions)
     ids = tokenize(loaded.tokenizer, corpus.text)

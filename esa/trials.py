@@ -48,6 +48,7 @@ from esa.evaluate import EvalResult, evaluate, require_finite
 from esa.fingerprint import model_fingerprint
 from esa.manifest import Timer, build_manifest
 from esa.perturbation import PerturbSpec, perturbed, validate_spec
+from esa.placement import weight_tensors
 from esa.plan import resolve_batch_size
 from esa.profile import (open_for_selection, read_weights, score_and_select, seeded_selections, validate_selection,
                          write_weights)
@@ -230,7 +231,7 @@ def _set_file(out_dir: Path, trial_id: str) -> Path:
 
 def save_sets(out_dir: Path, sets: dict[str, WeightSet], model: torch.nn.Module) -> None:
     infos = [t for t, _ in describe_parameters(model)]
-    params = dict(model.named_parameters())
+    params = weight_tensors(model, writable=False)  # offloaded weights: the copies accelerate keeps
     for trial_id, ws in sets.items():
         write_weights(_set_file(out_dir, trial_id), ws, infos, params)
     atomic_write_json(out_dir / "sets" / "meta.json", {trial_id: ws.meta for trial_id, ws in sets.items()})
@@ -283,7 +284,7 @@ def run_perturb(config: PerturbConfig, *, command: str = "perturb", session: Ses
     with timer.phase("load"):
         session = session or open_for_selection(config.model, config.data, config.selection)
     model = session.loaded.model
-    params = dict(model.named_parameters())
+    params = weight_tensors(model)  # perturbed in place where they live (offloaded ones: accelerate's CPU copy)
     spec = spec_of(config)
     validate_spec(spec, next(iter(params.values())).dtype)
     conditions = ["super"] + [c for c in CONTROLS if c in config.controls]
