@@ -6,16 +6,16 @@ accuracy, tokens, leak flags), ``window_nll.csv`` (one row per window), ``experi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from esa.config import BaselineConfig, to_dict
+from esa.config import BaselineConfig, resolve_seq_len, to_dict, validate
 from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate, leak_warnings, require_finite
 from esa.manifest import Timer, build_manifest
 from esa.modeling import LoadedModel
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, prepare_run_dir
-from esa.session import Session, open_session, validate_data_config
+from esa.session import Session, open_session
 from esa.windows import Windows
 
 WINDOW_NLL_HEADER = ("window", "corpus_window", "nll_sum", "tokens", "mean_nll", "correct")
@@ -73,11 +73,12 @@ def check_finite_weights(model) -> None:
 
 def run_baseline(config: BaselineConfig, *, command: str = "baseline", session: Session | None = None) -> BaselineRun:
     """Evaluate and write the run; ``session`` reuses a loaded model and its windows (``esa run``)."""
+    validate(config)
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
-    validate_data_config(config.data)
     timer = Timer()
     with timer.phase("load"):
         session = session or open_session(config.model, config.data)
+    config = replace(config, data=resolve_seq_len(config.data, session.loaded.max_positions))
     check_finite_weights(session.loaded.model)
     with timer.phase("evaluate"):
         result = evaluate(session.loaded.model, session.windows.input_ids, batch_size=config.data.batch_size,
