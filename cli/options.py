@@ -255,8 +255,10 @@ PROFILE = (*MODEL_OPTIONS, *DATA_OPTIONS, *SELECTION, *SEED_OPTIONS, SAVE_SCORES
 PERTURB_COMMAND = (*MODEL_OPTIONS, *DATA_OPTIONS, *SELECTION, *PERTURBATION_OPTIONS, FROM_PROFILE, WEIGHTS,
                    *SEED_OPTIONS, SAVE_PLOTS, *RUN_OUTPUT)
 REPORT = (REPORT_OUT, OVERWRITE.but(help="replace a report already in --out"))
-SUPERWEIGHTS = (*MODEL_OPTIONS, *variant(DATA_OPTIONS, MAX_SAMPLES.but(
-                    help="detect on this many evaluation windows instead of the prompt")), PROMPT, THRESHOLD, RELATIVE_THRESHOLD, ITERATE, MAX_ITERATIONS,
+SUPERWEIGHTS = (*MODEL_OPTIONS,
+                *variant(DATA_OPTIONS, MAX_SAMPLES.but(help="detect on this many evaluation windows instead of the "
+                                                       "prompt")),
+                PROMPT, THRESHOLD, RELATIVE_THRESHOLD, ITERATE, MAX_ITERATIONS,
                 FROM_PROFILE.but(help="rank of each found weight under this profile run's metric", panel=DETECTION),
                 MEDIATION, *RUN_OUTPUT)
 VALIDATE = (*MODEL_OPTIONS, *DATA_OPTIONS, METRICS, SAMPLE,

@@ -22,8 +22,8 @@ STABILITY_FRACTION = 0.5  # share of the windows each stability seed scores on
 CONTROL_SETS = 39  # random_k sets; the rank p-value's floor is 1/(1 + N), so 39 reach 0.025
 N_BOOTSTRAP = 10_000  # bootstrap resamples of the windows (perturb)
 MIN_BOOTSTRAP = 100  # fewer resamples give no usable confidence interval
-MIN_VALIDATE_SAMPLE = 10
-VALIDATE_KINDS = ("zero", "sign_flip")  # the perturbations whose loss change every metric predicts  # fewer sampled weights give no usable rank correlation
+MIN_VALIDATE_SAMPLE = 10  # fewer sampled weights give no usable rank correlation
+VALIDATE_KINDS = ("zero", "sign_flip")  # the perturbations whose loss change every metric predicts
 
 
 @dataclass
