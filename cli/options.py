@@ -289,7 +289,7 @@ PLAN = variant(RUN, BATCH_SIZE.but(type=Optional[int], default=None,
 PLAN_COMMAND = Opt("command", str, "the command to plan: baseline | profile | perturb | run", PLANNING)
 DEVICE_MEMORY = Opt("device_memory", Optional[str], "memory of the device to plan for, e.g. 80GB (default: this "
                     "machine's GPU)", PLANNING)
-JSON = Opt("json", bool, "print the plan as JSON", PLANNING, name="json_output")
+JSON = Opt("json", bool, "print the plan as JSON", PLANNING, flags=("--json/--no-json",), name="json_output")
 TINY_STEPS = Opt("steps", int, "optimizer steps", None)
 PlanCommand, DeviceMemory, Json = PLAN_COMMAND.annotated(), DEVICE_MEMORY.annotated(), JSON.annotated()
 RunDirs = Annotated[list[Path], typer.Argument(help="two or more finished profile run directories")]
