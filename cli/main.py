@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from esa.cli import helpformat
 from esa.cli import options as o
 from esa.cli.errors import user_errors
+from esa.config import (BaselineConfig, PerturbConfig, ProfileConfig, ReportConfig, RunbookConfig, SuperweightsConfig,
+                        TensorsConfig, ValidateConfig)
 
+helpformat.install()
 app = typer.Typer(
     name="esa",
     help="Extreme Sensitivity Analysis: find the weights of a causal LM that matter most, and test them causally.",
@@ -24,23 +27,8 @@ app.add_typer(tiny_app, name="tiny")
 console = Console(highlight=False, soft_wrap=True)  # long lines stay whole in logs; tables: see show()
 
 
-def _version(value: bool) -> None:
-    if value:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            number = version("esa")
-        except PackageNotFoundError:  # run from a checkout that is not installed
-            number = "unknown (not installed)"
-        typer.echo(f"esa {number}")
-        raise typer.Exit()
-
-
 @app.callback()
-def _main(
-    version: Annotated[bool, typer.Option("--version", help="print esa's version and exit", callback=_version,
-                                          is_eager=True)] = False,
-) -> None:
+def _main(version: o.Version = False) -> None:
     """Extreme Sensitivity Analysis: find the weights of a causal LM that matter most, and test them causally."""
 
 
@@ -71,35 +59,11 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 @app.command()
 @user_errors
-def baseline(
-    model: o.Model = None,
-    dtype: o.Dtype = "auto",
-    device: o.Device = "auto",
-    device_map: o.DeviceMap = None,
-    max_memory: o.MaxMemory = None,
-    revision: o.Revision = None,
-    trust_remote_code: o.TrustRemoteCode = False,
-    attn_implementation: o.AttnImplementation = None,
-    dataset: o.Dataset = "embedded",
-    dataset_path: o.DatasetPath = None,
-    text_file: o.TextFile = None,
-    seq_len: o.SeqLen = None,
-    max_samples: o.MaxSamples = None,
-    batch_size: o.BatchSize = None,
-    seed: o.Seed = 0,
-    out_dir: o.OutDir = Path("runs/baseline"),
-    overwrite: o.Overwrite = False,
-) -> None:
+@o.takes(BaselineConfig, o.BASELINE)
+def baseline(config: BaselineConfig) -> None:
     """Perplexity, loss and next-token accuracy on the evaluation windows (per-window NLL kept)."""
     from esa.baseline import run_baseline
-    from esa.config import BaselineConfig
 
-    config = BaselineConfig(
-        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation, device_map,
-                             max_memory),
-        data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
-        out_dir=str(out_dir), overwrite=overwrite,
-    )
     run = run_baseline(config)
     print_baseline(run.metrics, run.session.describe(), run.out_dir)
 
@@ -125,56 +89,11 @@ def print_baseline(metrics: dict, described: dict, out_dir: Path) -> None:
 
 @app.command()
 @user_errors
-def profile(
-    model: o.Model = None,
-    dtype: o.Dtype = "auto",
-    device: o.Device = "auto",
-    device_map: o.DeviceMap = None,
-    max_memory: o.MaxMemory = None,
-    revision: o.Revision = None,
-    trust_remote_code: o.TrustRemoteCode = False,
-    attn_implementation: o.AttnImplementation = None,
-    dataset: o.Dataset = "embedded",
-    dataset_path: o.DatasetPath = None,
-    text_file: o.TextFile = None,
-    seq_len: o.SeqLen = None,
-    max_samples: o.MaxSamples = None,
-    batch_size: o.BatchSize = None,
-    seed: o.Seed = 0,
-    metric: o.Metric = "grad_x_weight",
-    mode: o.Mode = "per_layer",
-    topk: o.TopK = 100,
-    include: o.Include = None,
-    exclude: o.Exclude = None,
-    include_biases: o.IncludeBiases = False,
-    include_norms: o.IncludeNorms = False,
-    hutchinson_probes: o.HutchinsonProbes = 8,
-    hessian_budget: o.HessianBudget = 4096,
-    bottom_k_include_unused: o.BottomKIncludeUnused = False,
-    score_groups: o.ScoreGroups = None,
-    seeds: o.Seeds = "0,1,2",
-    stability_check: o.StabilityCheck = False,
-    stability_fraction: o.StabilityFraction = 0.5,
-    save_scores: Annotated[bool, typer.Option("--save-scores", help="also write every score to scores.safetensors "
-                                              "(4 bytes per scored weight)", rich_help_panel="Output")] = False,
-    save_plots: o.SavePlots = False,
-    out_dir: o.OutDir = Path("runs/profile"),
-    overwrite: o.Overwrite = False,
-) -> None:
+@o.takes(ProfileConfig, o.PROFILE)
+def profile(config: ProfileConfig) -> None:
     """Sensitivity scores of every weight, top-k / bottom-k selection, heavy-tail statistics and locations."""
-    from esa.config import ProfileConfig
     from esa.profile import run_profile
 
-    config = ProfileConfig(
-        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation, device_map,
-                             max_memory),
-        data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
-        selection=o.selection_config(metric, mode, topk, include, exclude, include_biases, include_norms,
-                                     hutchinson_probes, hessian_budget, bottom_k_include_unused,
-                                     score_groups),
-        seeds=o.parse_seeds(seeds), stability_check=stability_check, stability_fraction=stability_fraction,
-        save_scores=save_scores, save_plots=save_plots, out_dir=str(out_dir), overwrite=overwrite,
-    )
     run = run_profile(config)
     print_profile(run["metrics"], run["stability"], run["out_dir"])
 
@@ -210,10 +129,7 @@ def print_profile(metrics: dict, stability: dict | None, out_dir: Path) -> None:
 
 @app.command()
 @user_errors
-def compare(
-    run_dirs: Annotated[list[Path], typer.Argument(help="two or more finished profile run directories")],
-    out: Annotated[Optional[Path], typer.Option(help="write compare.json and overlap/jaccard/spearman CSVs here")] = None,
-) -> None:
+def compare(run_dirs: o.RunDirs, out: o.CompareOut = None) -> None:
     """Overlap@k, Jaccard and rank correlation between the top-k sets of profile runs (e.g. different metrics)."""
     from esa.compare import compare_runs, write_comparison
 
@@ -233,24 +149,16 @@ def compare(
 
 @app.command()
 @user_errors
-def tensors(
-    model: o.Model = None,
-    dtype: o.Dtype = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps", rich_help_panel="Model")] = "cpu",
-    revision: o.Revision = None,
-    trust_remote_code: o.TrustRemoteCode = False,
-    include: o.Include = None,
-    exclude: o.Exclude = None,
-    include_biases: o.IncludeBiases = False,
-    include_norms: o.IncludeNorms = False,
-) -> None:
+@o.takes(TensorsConfig, o.TENSORS)
+def tensors(config: TensorsConfig) -> None:
     """List the tensors profile would score, with their layer and component names (for --include/--exclude)."""
     from esa.modeling import load_model
     from esa.tensors import select_tensors
 
-    loaded = load_model(model, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code)
-    chosen = select_tensors(loaded.model, list(include or []), list(exclude or []), biases=include_biases,
-                            norms=include_norms)
+    m, sel = config.model, config.selection
+    loaded = load_model(m.model, dtype=m.dtype, device=m.device, revision=m.revision,
+                        trust_remote_code=m.trust_remote_code)
+    chosen = select_tensors(loaded.model, sel.include, sel.exclude, biases=sel.include_biases, norms=sel.include_norms)
     table = Table(title=f"tensors of {loaded.model_id}", title_justify="left")
     for col in ("tensor", "shape", "layer", "component", "weights"):
         table.add_column(col, justify="right" if col == "weights" else "left")
@@ -264,71 +172,14 @@ def tensors(
 
 @app.command()
 @user_errors
-def perturb(
-    model: o.Model = None,
-    dtype: o.Dtype = "auto",
-    device: o.Device = "auto",
-    device_map: o.DeviceMap = None,
-    max_memory: o.MaxMemory = None,
-    revision: o.Revision = None,
-    trust_remote_code: o.TrustRemoteCode = False,
-    attn_implementation: o.AttnImplementation = None,
-    dataset: o.Dataset = "embedded",
-    dataset_path: o.DatasetPath = None,
-    text_file: o.TextFile = None,
-    seq_len: o.SeqLen = None,
-    max_samples: o.MaxSamples = None,
-    batch_size: o.BatchSize = None,
-    seed: o.Seed = 0,
-    metric: o.Metric = "grad_x_weight",
-    mode: o.Mode = "per_layer",
-    topk: o.TopK = 100,
-    include: o.Include = None,
-    exclude: o.Exclude = None,
-    include_biases: o.IncludeBiases = False,
-    include_norms: o.IncludeNorms = False,
-    hutchinson_probes: o.HutchinsonProbes = 8,
-    hessian_budget: o.HessianBudget = 4096,
-    bottom_k_include_unused: o.BottomKIncludeUnused = False,
-    score_groups: o.ScoreGroups = None,
-    perturb: o.Perturb = "zero",
-    perturb_scale: o.PerturbScale = 1.0,
-    perturb_prob: o.PerturbProb = 1.0,
-    bits: o.Bits = "any",
-    controls: o.Controls = "random_k,bottom_k",
-    from_profile: o.FromProfile = None,
-    weights: o.WeightsFile = None,
-    stratified: o.Stratified = True,
-    control_sets: o.ControlSets = 39,
-    n_bootstrap: o.NBootstrap = 10_000,
-    seeds: o.Seeds = "0,1,2",
-    stability_check: o.StabilityCheck = False,
-    stability_fraction: o.StabilityFraction = 0.5,
-    save_plots: o.SavePlots = False,
-    out_dir: o.OutDir = Path("runs/perturb"),
-    overwrite: o.Overwrite = False,
-) -> None:
+@o.takes(PerturbConfig, o.PERTURB_COMMAND)
+def perturb(config: PerturbConfig) -> None:
     """Causal test: perturb the top-k weights and random_k / bottom_k controls over seeds, restoring bit-exactly.
 
     Rerunning the same command resumes an interrupted run.
     """
-    from esa.config import PerturbConfig
     from esa.trials import run_perturb
 
-    config = PerturbConfig(
-        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation, device_map,
-                             max_memory),
-        data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
-        selection=o.selection_config(metric, mode, topk, include, exclude, include_biases, include_norms,
-                                     hutchinson_probes, hessian_budget, bottom_k_include_unused,
-                                     score_groups),
-        perturb=perturb, perturb_scale=perturb_scale, perturb_prob=perturb_prob, bits=bits,
-        controls=o.parse_controls(controls), seeds=o.parse_seeds(seeds),
-        from_profile=str(from_profile) if from_profile else None, weights_file=str(weights) if weights else None,
-        stability_check=stability_check, stability_fraction=stability_fraction, random_stratified=stratified,
-        control_sets=control_sets, n_bootstrap=n_bootstrap, save_plots=save_plots, out_dir=str(out_dir),
-        overwrite=overwrite,
-    )
     run = run_perturb(config)
     print_perturb(run["results"], run["out_dir"])
 
@@ -371,51 +222,11 @@ def print_perturb(results: dict, out_dir: Path) -> None:
 
 @app.command()
 @user_errors
-def superweights(
-    model: o.Model = None,
-    dtype: o.Dtype = "auto",
-    device: o.Device = "auto",
-    device_map: o.DeviceMap = None,
-    max_memory: o.MaxMemory = None,
-    revision: o.Revision = None,
-    trust_remote_code: o.TrustRemoteCode = False,
-    attn_implementation: o.AttnImplementation = None,
-    dataset: o.Dataset = "embedded",
-    dataset_path: o.DatasetPath = None,
-    text_file: o.TextFile = None,
-    seq_len: o.SeqLen = None,
-    max_samples: Annotated[Optional[int], typer.Option(help="detect on this many evaluation windows instead of the "
-                                                       "prompt", rich_help_panel="Data")] = None,
-    batch_size: o.BatchSize = None,
-    seed: o.Seed = 0,
-    prompt: Annotated[str, typer.Option(help="input when --max-samples is not given",
-                                        rich_help_panel="Detection")] = "Apple Inc. is a worldwide tech company.",
-    threshold: Annotated[float, typer.Option(help="a spike exceeds this |activation| (the paper's 50)",
-                                             rich_help_panel="Detection")] = 50.0,
-    relative_threshold: Annotated[float, typer.Option(help="... and this multiple of the layer's median channel "
-                                                      "maximum", rich_help_panel="Detection")] = 10.0,
-    iterate: Annotated[bool, typer.Option("--iterate", help="zero the found weights and look again until nothing "
-                                          "new appears", rich_help_panel="Detection")] = False,
-    max_iterations: Annotated[int, typer.Option(help="passes of --iterate at most", rich_help_panel="Detection")] = 10,
-    from_profile: Annotated[Optional[Path], typer.Option(help="rank of each found weight under this profile run's "
-                                                         "metric", rich_help_panel="Detection")] = None,
-    mediation: Annotated[bool, typer.Option("--mediation", help="PPL with the found weights zeroed, and zeroed with "
-                                            "their super activations restored", rich_help_panel="Detection")] = False,
-    out_dir: o.OutDir = Path("runs/superweights"),
-    overwrite: o.Overwrite = False,
-) -> None:
+@o.takes(SuperweightsConfig, o.SUPERWEIGHTS)
+def superweights(config: SuperweightsConfig) -> None:
     """Super weights from activation spikes of the MLP down projections (Yu et al. 2024), no gradient needed."""
-    from esa.config import SuperweightsConfig
     from esa.superweights import run_superweights
 
-    config = SuperweightsConfig(
-        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation, device_map,
-                             max_memory),
-        data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
-        prompt=prompt, threshold=threshold, relative_threshold=relative_threshold, iterate=iterate,
-        max_iterations=max_iterations, from_profile=str(from_profile) if from_profile else None, mediation=mediation,
-        out_dir=str(out_dir), overwrite=overwrite,
-    )
     run = run_superweights(config)
     m = run["metrics"]
     table = Table(title=f"super weights — {m['input']}, spike > {m['threshold']:g} and > "
@@ -445,56 +256,18 @@ def superweights(
 
 @app.command()
 @user_errors
-def validate(
-    model: o.Model = None,
-    dtype: o.Dtype = "auto",
-    device: o.Device = "auto",
-    device_map: o.DeviceMap = None,
-    max_memory: o.MaxMemory = None,
-    revision: o.Revision = None,
-    trust_remote_code: o.TrustRemoteCode = False,
-    attn_implementation: o.AttnImplementation = None,
-    dataset: o.Dataset = "embedded",
-    dataset_path: o.DatasetPath = None,
-    text_file: o.TextFile = None,
-    seq_len: o.SeqLen = None,
-    max_samples: o.MaxSamples = None,
-    batch_size: o.BatchSize = None,
-    seed: o.Seed = 0,
-    metrics: Annotated[str, typer.Option(help="comma-separated metrics to test [default: all that fit; hessian_diag "
-                                         "only within --hessian-budget]", rich_help_panel="Validation")] = "",
-    sample: Annotated[int, typer.Option(help="seeded random weights, stratified over tensors",
-                                        rich_help_panel="Validation")] = 2000,
-    topk: Annotated[int, typer.Option("--topk", "-k", help="plus each metric's global top-k",
-                                      rich_help_panel="Validation")] = 20,
-    perturb: Annotated[str, typer.Option(help="zero | sign_flip", rich_help_panel="Validation")] = "zero",
-    n_bootstrap: Annotated[int, typer.Option(help="bootstrap resamples of the sampled weights",
-                                             rich_help_panel="Validation")] = 1000,
-    include: o.Include = None,
-    exclude: o.Exclude = None,
-    include_biases: o.IncludeBiases = False,
-    include_norms: o.IncludeNorms = False,
-    hutchinson_probes: o.HutchinsonProbes = 8,
-    hessian_budget: o.HessianBudget = 4096,
-    out_dir: o.OutDir = Path("runs/validate"),
-    overwrite: o.Overwrite = False,
-) -> None:
+@o.takes(ValidateConfig, o.VALIDATE)
+def validate(config: ValidateConfig) -> None:
     """Exact single-weight ablations against every metric: which metric predicts the true loss change?
 
     Rerunning the same command resumes an interrupted run.
     """
-    from esa.config import ValidateConfig
+    from dataclasses import replace
+
     from esa.validate import run_validate
 
-    config = ValidateConfig(
-        model=o.model_config(model, dtype, device, revision, trust_remote_code, attn_implementation, device_map,
-                             max_memory),
-        data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
-        selection=o.selection_config("magnitude", "global", topk, include, exclude, include_biases, include_norms,
-                                     hutchinson_probes, hessian_budget),
-        metrics=[m.strip() for m in metrics.split(",") if m.strip()], sample=sample, topk=topk, perturb=perturb,
-        n_bootstrap=n_bootstrap, out_dir=str(out_dir), overwrite=overwrite,
-    )
+    # The tensors, probes and budget are the selection's; its metric is unused and its top-k is validate's.
+    config = replace(config, selection=replace(config.selection, metric="magnitude", mode="global", topk=config.topk))
     run = run_validate(config)
     s = run["summary"]
     table = Table(title=f"which metric predicts the true effect? {s['perturb']} ablation of {s['n_sample']:,} sampled "
@@ -513,17 +286,13 @@ def validate(
 
 @app.command()
 @user_errors
-def report(
-    run_dirs: Annotated[list[Path], typer.Argument(help="run directories, or folders of them (e.g. an esa run "
-                                                   "out-dir)")],
-    out: Annotated[Path, typer.Option(help="where to write report.html, report.md, tables.tex, figures/")] = Path(
-        "runs/report"),
-    overwrite: Annotated[bool, typer.Option(help="replace a report already in --out")] = False,
-) -> None:
+@o.takes(ReportConfig, o.REPORT)
+def report(run_dirs: o.ReportRunDirs, config: ReportConfig) -> None:
     """Figures, tables (Markdown, HTML, LaTeX) and the evidence checklist from finished runs; loads no model."""
     from esa.report import write_report
 
-    summary = write_report(run_dirs, out, overwrite=overwrite)
+    out = Path(config.out)
+    summary = write_report(run_dirs, out, overwrite=config.overwrite)
     print_checklist(out / "checklist.json")
     if summary["skipped"]:
         console.print("[yellow]left out:[/] " + "; ".join(summary["skipped"]))
@@ -547,53 +316,18 @@ def print_checklist(path: Path) -> None:
 
 
 @user_errors
-def run(
-    model: o.Model = None,
-    metric: o.Metric = "grad_x_weight",
-    mode: o.Mode = "per_layer",
-    topk: o.TopK = 100,
-    max_samples: o.MaxSamples = None,
-    batch_size: o.BatchSize = None,
-    device: o.Device = "auto",
-    device_map: o.DeviceMap = None,
-    max_memory: o.MaxMemory = None,
-    save_plots: o.SavePlots = False,
-    out_dir: o.OutDir = Path("runs/runbook"),
-    perturb: Annotated[Optional[str], typer.Option(help="zero | sign_flip | gauss_noise | bit_flip [default: no "
-                                                   "perturbation phase]", rich_help_panel="Perturbation")] = None,
-    perturb_scale: o.PerturbScale = 1.0,
-    perturb_prob: o.PerturbProb = 1.0,
-    controls: o.Controls = "random_k,bottom_k",
-    seeds: o.Seeds = "0,1,2",
-    stability_check: o.StabilityCheck = False,
-    bits: o.Bits = "any",
-    hutchinson_probes: o.HutchinsonProbes = 8,
-    include: o.Include = None,
-    exclude: o.Exclude = None,
-    dtype: o.Dtype = "auto",
-    dataset: Annotated[str, typer.Option(help="auto (embedded for the embedded model, else wikitext2) | embedded | "
-                                         "wikitext2", rich_help_panel="Data")] = "auto",
-    dataset_path: o.DatasetPath = None,
-    text_file: o.TextFile = None,
-    seq_len: o.SeqLen = None,
-    seed: o.Seed = 0,
-    overwrite: o.Overwrite = False,
-) -> None:
+@o.takes(RunbookConfig, o.RUN)
+def run(config: RunbookConfig) -> None:
     """The runbook: baseline → profile → perturb (with --perturb) → report, into sub-directories of --out-dir.
 
-    Rerunning the same command reuses finished phases and resumes interrupted trials.
+    Every option of esa baseline, profile, perturb and report is accepted (but --from-profile, --weights and
+    --out: the runbook chains its phases itself). Rerunning the same command reuses finished phases and resumes
+    interrupted trials.
     """
-    from esa.runbook import RunbookConfig, resolve_dataset, run_runbook
+    from esa.runbook import run_runbook
 
-    dataset = resolve_dataset(dataset, model, str(text_file) if text_file else None)
-    config = RunbookConfig(
-        model=o.model_config(model, dtype, device, None, False, None, device_map, max_memory),
-        data=o.data_config(dataset, dataset_path, text_file, seq_len, max_samples, batch_size, seed),
-        selection=o.selection_config(metric, mode, topk, include, exclude, False, False, hutchinson_probes, 4096),
-        perturb=perturb, perturb_scale=perturb_scale, perturb_prob=perturb_prob, bits=bits,
-        controls=o.parse_controls(controls), seeds=o.parse_seeds(seeds), stability_check=stability_check,
-        save_plots=save_plots, out_dir=str(out_dir), overwrite=overwrite,
-    )
+    out_dir = Path(config.out_dir)
+
     def finished(phase: str, result) -> None:  # each phase's table right after its ▶ line
         if phase == "baseline":
             print_baseline(result.metrics, result.session.describe(), out_dir / "baseline")
@@ -615,53 +349,27 @@ runbook_app.command()(run)
 
 @app.command()
 @user_errors
-def plan(
-    model: o.Model = None,
-    dtype: o.Dtype = "auto",
-    revision: o.Revision = None,
-    trust_remote_code: o.TrustRemoteCode = False,
-    command: Annotated[str, typer.Option(help="the command to plan: baseline | profile | perturb | run")] = "run",
-    seq_len: o.SeqLen = None,
-    max_samples: o.MaxSamples = None,
-    batch_size: o.BatchSize = None,
-    metric: o.Metric = "grad_x_weight",
-    include: o.Include = None,
-    exclude: o.Exclude = None,
-    include_biases: o.IncludeBiases = False,
-    include_norms: o.IncludeNorms = False,
-    hutchinson_probes: o.HutchinsonProbes = 8,
-    score_groups: o.ScoreGroups = None,
-    perturb: Annotated[Optional[str], typer.Option(help="plan the perturbation trials too (run)",
-                                                   rich_help_panel="Perturbation")] = None,
-    controls: o.Controls = "random_k,bottom_k",
-    control_sets: o.ControlSets = 39,
-    seeds: o.Seeds = "0,1,2",
-    stability_check: o.StabilityCheck = False,
-    stability_fraction: o.StabilityFraction = 0.5,
-    device_memory: Annotated[Optional[str], typer.Option(help="memory of the device to plan for, e.g. 80GB "
-                                                         "[default: this machine's GPU]")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
-    # flags of the other commands that do not change the cost, accepted so that a command line can be planned as is
-    mode: o.Mode = "per_layer",
-    topk: o.TopK = 100,
-    device: o.Device = "auto",
-    device_map: o.DeviceMap = None,
-    max_memory: o.MaxMemory = None,
-    save_plots: o.SavePlots = False,
-    out_dir: Annotated[Optional[Path], typer.Option(help="ignored (planning writes nothing)")] = None,
-    perturb_scale: o.PerturbScale = 1.0,
-    perturb_prob: o.PerturbProb = 1.0,
-) -> None:
-    """Predicted peak device memory per phase, score groups, batch size and wall time; exit 1 if it cannot fit."""
-    import json
+@o.takes(RunbookConfig, o.PLAN)
+def plan(command: o.PlanCommand = "run", device_memory: o.DeviceMemory = None, json_output: o.Json = False, *,
+         config: RunbookConfig) -> None:
+    """Predicted peak device memory per phase, score groups, batch size and wall time; exit 1 if it cannot fit.
 
+    Takes every option of esa run (those that do not change the cost are accepted and ignored), so that a
+    command line can be planned as it is.
+    """
+    import json
+    from dataclasses import replace
+
+    from esa.config import validate as validate_config
     from esa.errors import EsaError
     from esa.plan import format_plan, parse_size, plan_command, plan_split
 
-    if device_memory is None and device_map and max_memory:  # a split model: the largest GPU share given
+    validate_config(config)
+    model_cfg = config.model
+    if device_memory is None and model_cfg.device_map and model_cfg.max_memory:  # a split model: its largest GPU
         from esa.placement import parse_max_memory
 
-        gpus = [v for k, v in (parse_max_memory(",".join(max_memory)) or {}).items() if isinstance(k, int)]
+        gpus = [v for k, v in (parse_max_memory(model_cfg.max_memory) or {}).items() if isinstance(k, int)]
         device_memory = str(max(gpus)) if gpus else None
     if device_memory is None:
         import torch
@@ -669,18 +377,17 @@ def plan(
         if not torch.cuda.is_available():
             raise EsaError("no GPU here: give --device-memory, e.g. --device-memory 80GB")
         device_memory = str(torch.cuda.get_device_properties(0).total_memory)
-    model_cfg = o.model_config(model, dtype, "cuda", revision, trust_remote_code, None, device_map, max_memory)
+    data, controls = config.data, config.controls
+    model_cfg = replace(model_cfg, device="cuda", attn_implementation=None)
     result, shape, workload = plan_command(
-        model_cfg,
-        o.selection_config(metric, mode, topk, include, exclude, include_biases, include_norms, hutchinson_probes,
-                           4096, score_groups),
-        command=command, seq_len=seq_len, max_samples=max_samples, batch_size=batch_size, perturb=perturb is not None,
-        bottom_k="bottom_k" in o.parse_controls(controls),
-        control_sets=control_sets if "random_k" in o.parse_controls(controls) else 0, seeds=len(o.parse_seeds(seeds)),
-        stability_check=stability_check, stability_fraction=stability_fraction,
+        model_cfg, config.selection, command=command,
+        seq_len=data.seq_len, max_samples=data.max_samples, batch_size=data.batch_size,
+        perturb=config.perturb is not None, bottom_k="bottom_k" in controls,
+        control_sets=config.control_sets if "random_k" in controls else 0, seeds=len(config.seeds),
+        stability_check=config.stability_check, stability_fraction=config.stability_fraction,
         device_memory=parse_size(device_memory))
     fits = result.fits
-    split = plan_split(shape, model_cfg, workload, parse_size(device_memory)) if device_map else None
+    split = plan_split(shape, model_cfg, workload, parse_size(device_memory)) if model_cfg.device_map else None
     if split is not None:
         fits = split[1]
     if json_output:
@@ -696,11 +403,10 @@ def plan(
 @tiny_app.command("train")
 @user_errors
 def tiny_train(
-    out_dir: Annotated[Path, typer.Option(help="where to write the model (to replace the embedded one: "
-                                          "esa/tiny/assets with --overwrite)")] = Path("esa-tiny"),
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 1200,
-    seed: Annotated[int, typer.Option(help="seed of initialisation and batches")] = 0,
-    overwrite: o.Overwrite = False,
+    out_dir: o.TinyOutDir = Path("esa-tiny"),
+    steps: o.TinySteps = 1200,
+    seed: o.TinySeed = 0,
+    overwrite: o.TinyOverwrite = False,
 ) -> None:
     """Rebuild the embedded tiny model from Python's own documentation (about 5 minutes on 2 idle CPU cores)."""
     from esa.tiny.train import TinyRecipe, train

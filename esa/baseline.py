@@ -6,18 +6,18 @@ accuracy, tokens, leak flags), ``window_nll.csv`` (one row per window), ``experi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from esa import distributed
-from esa.config import BaselineConfig, to_dict
+from esa.config import BaselineConfig, resolve_seq_len, to_dict, validate
 from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate, leak_warnings, require_finite
 from esa.manifest import Timer, build_manifest
 from esa.modeling import LoadedModel
-from esa.plan import resolve_batch_size
+from esa.plan import with_planned_batch_size
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, prepare_run_dir
-from esa.session import Session, open_session, validate_data_config
+from esa.session import Session, open_session
 from esa.windows import Windows
 
 WINDOW_NLL_HEADER = ("window", "corpus_window", "nll_sum", "tokens", "mean_nll", "correct")
@@ -77,12 +77,13 @@ def check_finite_weights(model) -> None:
 
 def run_baseline(config: BaselineConfig, *, command: str = "baseline", session: Session | None = None) -> BaselineRun:
     """Evaluate and write the run; ``session`` reuses a loaded model and its windows (``esa run``)."""
+    validate(config)
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
-    validate_data_config(config.data)
-    resolve_batch_size(config.model, None, config.data, command="baseline")
+    config = replace(config, data=with_planned_batch_size(config.model, None, config.data, command="baseline"))
     timer = Timer()
     with timer.phase("load"):
         session = session or open_session(config.model, config.data)
+    config = replace(config, data=resolve_seq_len(config.data, session.loaded.max_positions))
     check_finite_weights(session.loaded.model)
     with timer.phase("evaluate"):
         result = evaluate(session.loaded.model, session.windows.input_ids, batch_size=config.data.batch_size,

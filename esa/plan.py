@@ -452,17 +452,19 @@ def planned_batch_size(model_cfg, sel, data, *, command: str, device_memory: int
     return p.batch_size
 
 
-def resolve_batch_size(model_cfg, sel, data, *, command: str, device_memory: int | None = None) -> int:
-    """Fill in ``data.batch_size`` from :func:`planned_batch_size` when it is None (not given), once per run, before
-    the run directory's config is compared or written (so config.json records the batch size used, and a rerun
-    with the same flags on the same device resolves to the same one); returns it. ``sel``: the selection config
-    (None where the command scores nothing)."""
-    if data.batch_size is None:
-        from esa.config import SelectionConfig
+def with_planned_batch_size(model_cfg, sel, data, *, command: str, device_memory: int | None = None):
+    """``data`` with its batch size filled in from :func:`planned_batch_size` when it is None (not given); ``data``
+    itself is not changed. Called once per run, before the run directory's config is compared or written, so
+    config.json records the batch size used and a rerun with the same flags on the same device resolves to the
+    same one. ``sel``: the selection config (None where the command scores nothing)."""
+    if data.batch_size is not None:
+        return data
+    import dataclasses
 
-        data.batch_size = planned_batch_size(model_cfg, sel or SelectionConfig(), data, command=command,
-                                             device_memory=device_memory)
-    return data.batch_size
+    from esa.config import SelectionConfig
+
+    return dataclasses.replace(data, batch_size=planned_batch_size(model_cfg, sel or SelectionConfig(), data,
+                                                                   command=command, device_memory=device_memory))
 
 
 # ----------------------------------------------------------------------------------------------- a split model

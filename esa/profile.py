@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,17 +34,18 @@ import torch
 
 from esa import distributed, tailstats
 from esa.baseline import begin_run
-from esa.config import ProfileConfig, SelectionConfig, to_dict
+from esa.config import (ModelConfig, ProfileConfig, SelectionConfig, resolve_attention, resolve_seq_len, to_dict,
+                        validate)
 from esa.errors import EsaError
 from esa.experts import EXPERTS_HEADER, expert_mass, expert_rows
 from esa.manifest import Timer, build_manifest
 from esa.placement import weight_tensors
-from esa.plan import planned_groups, predicted_peak, refuse_if_it_cannot_fit, resolve_batch_size
+from esa.plan import planned_groups, predicted_peak, refuse_if_it_cannot_fit, with_planned_batch_size
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, prepare_run_dir, read_csv_rows
 from esa.scorefile import ScoreFile
-from esa.scoring import ScoreSet, check_metric, compute_scores, needs_data, needs_double_backward, ranking_view
-from esa.selection import MODES, Candidates, WeightSet, jaccard, merge_candidates, tensor_candidates
-from esa.session import Session, open_session, validate_data_config
+from esa.scoring import ScoreSet, compute_scores, needs_data, ranking_view
+from esa.selection import Candidates, WeightSet, jaccard, merge_candidates, tensor_candidates
+from esa.session import Session, open_session
 from esa.tensors import TensorInfo, select_tensors
 from esa.windows import Windows, seeded_subset, stability_subset_size
 
@@ -67,18 +68,6 @@ class Selection:
     bottom: WeightSet
     summaries: dict[str, tailstats.TensorSummary] = field(default_factory=dict)
     expert_mass: dict[str, list[float]] = field(default_factory=dict)  # per fused expert stack: Σ|S| per expert
-
-
-def validate_selection(sel: SelectionConfig) -> None:
-    check_metric(sel.metric)
-    if sel.mode not in MODES:
-        raise EsaError(f"unknown --mode {sel.mode!r}; use per_layer or global")
-    if sel.topk < 1:
-        raise EsaError(f"--topk must be at least 1 (got {sel.topk})")
-    if sel.hutchinson_probes < 1:
-        raise EsaError(f"--hutchinson-probes must be at least 1 (got {sel.hutchinson_probes})")
-    if sel.score_groups is not None and sel.score_groups < 1:
-        raise EsaError(f"--score-groups must be at least 1 (got {sel.score_groups})")
 
 
 def scored_tensors(model: torch.nn.Module, sel: SelectionConfig) -> list[tuple[TensorInfo, torch.nn.Parameter]]:
@@ -416,32 +405,30 @@ def stability(session: Session, config: ProfileConfig) -> tuple[dict, dict[int, 
 
 
 # ----------------------------------------------------------------------------------------------- the command
-def validate_profile(config: ProfileConfig) -> None:
-    validate_data_config(config.data)
-    validate_selection(config.selection)
-    if config.stability_check:
-        if len(config.seeds) < 2:
-            raise EsaError("--stability-check needs at least two --seeds (e.g. --seeds 0,1,2)")
-        if not 0 < config.stability_fraction <= 1:
-            raise EsaError("--stability-fraction must be in (0, 1]")
+def open_for_selection(config_model: ModelConfig, data, sel: SelectionConfig) -> Session:
+    """The session ``sel`` scores on: eager attention when its metric needs double backward (none of the
+    arguments is changed; the run records the resolved values, see :func:`resolved_for`)."""
+    return open_session(resolve_attention(config_model, [sel.metric]), data)
 
 
-def open_for_selection(config_model, data, sel: SelectionConfig) -> Session:
-    if needs_double_backward(sel.metric) and not config_model.attn_implementation:
-        config_model.attn_implementation = "eager"  # double backward needs the plain attention path
-    return open_session(config_model, data)
+def resolved_for(config, session: Session):
+    """``config`` as it ran on ``session``: attention and sequence length resolved (for config.json)."""
+    return replace(config, model=resolve_attention(config.model, [config.selection.metric]),
+                   data=resolve_seq_len(config.data, session.loaded.max_positions))
 
 
 def run_profile(config: ProfileConfig, *, command: str = "profile", session: Session | None = None) -> dict:
     """Score, select and write the run; ``session`` reuses a loaded model and its windows (``esa run``)."""
+    validate(config)
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
-    validate_profile(config)
-    resolve_batch_size(config.model, config.selection, config.data, command="profile")
+    config = replace(config, data=with_planned_batch_size(config.model, config.selection, config.data,
+                                                          command="profile"))
     timer = Timer()
     if session is None:
         refuse_if_it_cannot_fit(config.model, config.selection, config.data, command="profile")
     with timer.phase("load"):
         session = session or open_for_selection(config.model, config.data, config.selection)
+    config = resolved_for(config, session)
     model = session.loaded.model
     params = weight_tensors(model, writable=False)  # offloaded weights: the copies accelerate keeps
     sel = config.selection

@@ -14,33 +14,17 @@ refused unless ``--overwrite`` is given.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from esa.config import (BaselineConfig, DataConfig, ModelConfig, PerturbConfig, ProfileConfig, SelectionConfig,
-                        same_config)
 from esa import distributed
+from esa.config import (BaselineConfig, PerturbConfig, ProfileConfig, RunbookConfig, resolve_attention,
+                        resolve_seq_len, same_config, validate)
 from esa.errors import EsaError
 from esa.runio import is_finished, read_json
 
-
-
-@dataclass
-class RunbookConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    perturb: str | None = None  # None: no perturbation phase
-    perturb_scale: float = 1.0
-    perturb_prob: float = 1.0
-    bits: str = "any"
-    controls: list[str] = field(default_factory=lambda: ["random_k", "bottom_k"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    stability_check: bool = False
-    save_plots: bool = False
-    out_dir: str = "runs/runbook"
-    overwrite: bool = False
+__all__ = ["RunbookConfig", "phase_configs", "plan", "resolve", "resolve_dataset", "run_runbook"]
 
 
 def resolve_dataset(dataset: str, model: str | None, text_file: str | None) -> str:
@@ -55,15 +39,16 @@ def resolve_dataset(dataset: str, model: str | None, text_file: str | None) -> s
 def phase_configs(cfg: RunbookConfig) -> dict[str, object]:
     """The configuration of each phase, as ``esa baseline/profile/perturb`` would receive it.
 
-    Every phase shares ``cfg.data`` (one object), so the sequence length chosen when the model is loaded is
-    the one all phases record.
+    ``cfg`` is resolved (:func:`resolve`), so every phase records the same dataset, sequence length and
+    attention implementation.
     """
     out = Path(cfg.out_dir)
     configs: dict[str, object] = {
         "baseline": BaselineConfig(model=cfg.model, data=cfg.data, out_dir=str(out / "baseline"),
                                    overwrite=cfg.overwrite),
         "profile": ProfileConfig(model=cfg.model, data=cfg.data, selection=cfg.selection, seeds=cfg.seeds,
-                                 stability_check=cfg.stability_check, save_plots=cfg.save_plots,
+                                 stability_check=cfg.stability_check, stability_fraction=cfg.stability_fraction,
+                                 save_scores=cfg.save_scores, save_plots=cfg.save_plots,
                                  out_dir=str(out / "profile"), overwrite=cfg.overwrite),
     }
     if cfg.perturb is not None:
@@ -71,7 +56,9 @@ def phase_configs(cfg: RunbookConfig) -> dict[str, object]:
             model=cfg.model, data=cfg.data, selection=cfg.selection, perturb=cfg.perturb,
             perturb_scale=cfg.perturb_scale, perturb_prob=cfg.perturb_prob, bits=cfg.bits, controls=cfg.controls,
             seeds=cfg.seeds, from_profile=str(out / "profile"), stability_check=cfg.stability_check,
-            save_plots=cfg.save_plots, out_dir=str(out / "perturb"), overwrite=cfg.overwrite)
+            stability_fraction=cfg.stability_fraction, random_stratified=cfg.random_stratified,
+            control_sets=cfg.control_sets, n_bootstrap=cfg.n_bootstrap, save_plots=cfg.save_plots,
+            out_dir=str(out / "perturb"), overwrite=cfg.overwrite)
     return configs
 
 
@@ -83,21 +70,20 @@ def same_finished_run(run_dir: Path, config: object) -> bool:
                        ignore=("overwrite", "save_plots", "out_dir", "from_profile"))
 
 
-def resolve(cfg: RunbookConfig) -> None:
-    """Fill in what loading the model would decide, so that a rerun compares like with like before loading it:
-    the default sequence length (from the model's config), eager attention for second-order metrics, and the batch
-    size from the plan (:func:`esa.plan.resolve_batch_size`)."""
+def resolve(cfg: RunbookConfig) -> RunbookConfig:
+    """``cfg`` with what loading the model would decide filled in, so that a rerun compares like with like
+    before loading it: the dataset (``auto``), the default sequence length (from the model's config alone),
+    eager attention for second-order metrics and the batch size from the plan
+    (:func:`esa.plan.with_planned_batch_size`). ``cfg`` itself is not changed."""
     from esa.modeling import model_context
-    from esa.plan import resolve_batch_size
-    from esa.scoring import needs_double_backward
-    from esa.windows import default_seq_len
+    from esa.plan import with_planned_batch_size
 
-    if needs_double_backward(cfg.selection.metric) and not cfg.model.attn_implementation:
-        cfg.model.attn_implementation = "eager"  # double backward needs the plain attention path
-    if cfg.data.seq_len is None:
-        cfg.data.seq_len = default_seq_len(model_context(cfg.model.model, revision=cfg.model.revision,
-                                                         trust_remote_code=cfg.model.trust_remote_code))
-    resolve_batch_size(cfg.model, cfg.selection, cfg.data, command="run")
+    m = cfg.model
+    data = replace(cfg.data, dataset=resolve_dataset(cfg.data.dataset, m.model, cfg.data.text_file))
+    if data.seq_len is None:
+        data = resolve_seq_len(data, model_context(m.model, revision=m.revision, trust_remote_code=m.trust_remote_code))
+    data = with_planned_batch_size(m, cfg.selection, data, command="run")
+    return replace(cfg, model=resolve_attention(m, [cfg.selection.metric]), data=data)
 
 
 def plan(cfg: RunbookConfig, configs: dict[str, object]) -> dict[str, str]:
@@ -125,15 +111,15 @@ def run_runbook(cfg: RunbookConfig, *, announce: Callable[[str], None] = print,
     ``announce`` gets a line as each phase starts, ``finished(phase, result)`` each phase's result as it ends (so
     that what is printed about a phase follows its announcement)."""
     from esa.baseline import run_baseline
-    from esa.profile import open_for_selection, run_profile, validate_profile
+    from esa.profile import open_for_selection, run_profile
     from esa.report import write_report
-    from esa.trials import run_perturb, validate_perturb
+    from esa.trials import run_perturb
 
-    resolve(cfg)
+    validate(cfg)
+    cfg = resolve(cfg)
     configs = phase_configs(cfg)
-    validate_profile(configs["profile"])
-    if "perturb" in configs:
-        validate_perturb(configs["perturb"])
+    for config in configs.values():
+        validate(config)
     decisions = plan(cfg, configs)
     results: dict[str, object] = {}
     session = None
@@ -148,7 +134,7 @@ def run_runbook(cfg: RunbookConfig, *, announce: Callable[[str], None] = print,
             continue
         if decisions[name] == "redo":
             announce(f"{name}: the profile is being redone, so its finished run in {config.out_dir} is replaced")
-            config.overwrite = True
+            config = replace(config, overwrite=True)
         if session is None:
             session = open_for_selection(cfg.model, cfg.data, cfg.selection)  # one load for every phase
         announce(f"{name}: running into {config.out_dir}")

@@ -61,6 +61,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from esa import distributed
+from esa.config import HESSIAN_BUDGET as DEFAULT_HESSIAN_BUDGET  # declared once, in esa.config
 from esa.errors import EsaError
 from esa.evaluate import mean_loss, model_device
 from esa.experts import call_arguments, is_fused_experts, routed_inputs
@@ -75,7 +76,6 @@ FIRST_ORDER = ("grad_x_weight", "grad_squared")
 SECOND_ORDER = ("hessian_diag", "hutchinson_diag")
 #: Metrics whose scores carry a sign (an estimated loss change); they are ranked by absolute value.
 SIGNED = ("taylor", "obd")
-DEFAULT_HESSIAN_BUDGET = 4096
 
 
 @dataclass

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from esa.config import DataConfig, ModelConfig
+from esa.config import DataConfig, ModelConfig, resolve_seq_len, validate_data
 from esa.corpus import Corpus, load_corpus
-from esa.errors import EsaError
 from esa.modeling import LoadedModel, load_model
-from esa.windows import Windows, default_seq_len, make_windows, tokenize
+from esa.windows import Windows, make_windows, tokenize
 
 
 @dataclass
@@ -21,26 +20,16 @@ class Session:
         return {"model": self.loaded.describe(), "dataset": self.corpus.info, "windows": self.windows.describe()}
 
 
-def validate_data_config(data: DataConfig) -> None:
-    """Checks that need neither the model nor the text, so bad flags fail before anything slow happens."""
-    if data.max_samples is not None and data.max_samples < 1:
-        raise EsaError(f"--max-samples must be at least 1 (got {data.max_samples})")
-    if data.batch_size is not None and data.batch_size < 1:
-        raise EsaError(f"--batch-size must be at least 1 (got {data.batch_size})")
-    if data.seq_len is not None and data.seq_len < 2:
-        raise EsaError(f"--seq-len must be at least 2 (got {data.seq_len})")
-
-
 def open_session(model_cfg: ModelConfig, data: DataConfig) -> Session:
-    """Load model and text and cut windows; fills in ``data.seq_len`` when it was left to the default."""
-    validate_data_config(data)
+    """Load model and text and cut windows of ``resolve_seq_len(data, model context)``; ``data`` is left as is
+    (a run records the resolved value itself: see :func:`esa.config.resolve_seq_len`)."""
+    validate_data(data)
     corpus = load_corpus(data.dataset, text_file=data.text_file, dataset_path=data.dataset_path)
     loaded = load_model(model_cfg.model, dtype=model_cfg.dtype, device=model_cfg.device, revision=model_cfg.revision,
                         trust_remote_code=model_cfg.trust_remote_code,
                         attn_implementation=model_cfg.attn_implementation, device_map=model_cfg.device_map,
                         max_memory=model_cfg.max_memory)
-    if data.seq_len is None:
-        data.seq_len = default_seq_len(loaded.max_positions)
+    data = resolve_seq_len(data, loaded.max_positions)
     ids = tokenize(loaded.tokenizer, corpus.text)
     windows = make_windows(ids, data.seq_len, max_samples=data.max_samples, seed=data.seed,
                            max_positions=loaded.max_positions)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -41,13 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from esa.baseline import begin_run
-from esa.config import SuperweightsConfig, to_dict
+from esa.config import SuperweightsConfig, resolve_seq_len, to_dict, validate
 from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate
 from esa.experts import call_arguments, routed_inputs
 from esa.manifest import Timer, build_manifest
 from esa.perturbation import PerturbSpec, perturbed
-from esa.plan import resolve_batch_size
+from esa.plan import with_planned_batch_size
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, is_finished, prepare_run_dir, read_csv_rows, read_json
 from esa.selection import WeightSet
 from esa.session import open_session
@@ -362,15 +362,14 @@ def candidate_rows(found: list[Candidate]) -> list[tuple]:
 
 
 def run_superweights(config: SuperweightsConfig) -> dict:
-    if config.threshold < 0 or config.relative_threshold < 0:
-        raise EsaError("--threshold and --relative-threshold must not be negative")
-    if config.max_iterations < 1:
-        raise EsaError("--max-iterations must be at least 1")
+    validate(config)
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
-    resolve_batch_size(config.model, None, config.data, command="baseline")  # forward passes only
+    config = replace(config, data=with_planned_batch_size(config.model, None, config.data,
+                                                          command="baseline"))  # forward passes only
     timer = Timer()
     with timer.phase("load"):
         session = open_session(config.model, config.data)
+    config = replace(config, data=resolve_seq_len(config.data, session.loaded.max_positions))
     model = session.loaded.model
     if config.data.max_samples is not None:
         ids, source = session.windows.input_ids, f"{session.windows.n} evaluation windows"

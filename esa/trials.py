@@ -42,50 +42,29 @@ import torch
 
 from esa import distributed, stats
 from esa.baseline import begin_run
-from esa.config import PerturbConfig, SelectionConfig, same_config, to_dict
+from esa.config import CONTROLS, PerturbConfig, SelectionConfig, same_config, to_dict, validate
 from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate, require_finite
 from esa.fingerprint import model_fingerprint
 from esa.manifest import Timer, build_manifest
 from esa.perturbation import PerturbSpec, perturbed, validate_spec
 from esa.placement import weight_tensors
-from esa.plan import resolve_batch_size
-from esa.profile import (open_for_selection, read_weights, score_and_select, seeded_selections, validate_selection,
+from esa.plan import with_planned_batch_size
+from esa.profile import (open_for_selection, read_weights, resolved_for, score_and_select, seeded_selections,
                          write_weights)
 from esa.runio import (MANIFEST, append_jsonl, atomic_write_json, clear_run_files, is_finished, prepare_run_dir,
                        read_csv_rows, read_json, read_jsonl)
 from esa.selection import WeightSet, jaccard, select_random
-from esa.session import Session, validate_data_config
+from esa.session import Session
 from esa.tensors import describe_parameters, select_tensors
 from esa.windows import stability_subset_size
 
-CONTROLS = ("random_k", "bottom_k")
 KNOWN = "known"  # --weights known: the published super weights of the model (esa.superweight_registry)
 TRIALS = "trials.jsonl"
 
 
 def spec_of(config: PerturbConfig) -> PerturbSpec:
     return PerturbSpec(config.perturb, config.perturb_scale, config.perturb_prob, config.bits)
-
-
-def validate_perturb(config: PerturbConfig) -> None:
-    validate_data_config(config.data)
-    validate_spec(spec_of(config))
-    unknown = [c for c in config.controls if c not in CONTROLS]
-    if unknown:
-        raise EsaError(f"unknown control {unknown[0]!r} in --controls; use random_k and/or bottom_k")
-    if config.from_profile and config.weights_file:
-        raise EsaError("use either --from-profile or --weights, not both")
-    if config.weights_file and config.stability_check:
-        raise EsaError("--stability-check needs selected (not explicit) weights; drop --weights or the check")
-    if config.stability_check and len(config.seeds) < 2:
-        raise EsaError("--stability-check needs at least two --seeds (e.g. --seeds 0,1,2)")
-    if "random_k" in config.controls and config.control_sets < 1:
-        raise EsaError("--control-sets must be at least 1 (39 or more let a rank p-value reach 0.025)")
-    if config.n_bootstrap < 100:
-        raise EsaError("--n-bootstrap must be at least 100")
-    if not config.from_profile and not config.weights_file:
-        validate_selection(config.selection)
 
 
 # ----------------------------------------------------------------------------------------------- weight sets
@@ -274,15 +253,17 @@ def prepare_perturb_dir(config: PerturbConfig) -> tuple[Path, bool]:
 
 def run_perturb(config: PerturbConfig, *, command: str = "perturb", session: Session | None = None) -> dict:
     """Run (or resume) the trials and write the run; ``session`` reuses a loaded model (``esa run``)."""
-    validate_perturb(config)
+    validate(config)
     if config.from_profile:
         config = with_profile_selection(config)
-    resolve_batch_size(config.model, config.selection, config.data, command="perturb")
+    config = dataclasses.replace(config, data=with_planned_batch_size(config.model, config.selection, config.data,
+                                                                      command="perturb"))
     out_dir, resuming = prepare_perturb_dir(config)
     distributed.barrier()  # every rank has seen the directory as it was before rank 0 changes it
     timer = Timer()
     with timer.phase("load"):
         session = session or open_for_selection(config.model, config.data, config.selection)
+    config = resolved_for(config, session)
     model = session.loaded.model
     params = weight_tensors(model)  # perturbed in place where they live (offloaded ones: accelerate's CPU copy)
     spec = spec_of(config)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,23 +34,23 @@ import torch
 from scipy import stats as sps
 
 from esa.baseline import begin_run
-from esa.config import ValidateConfig, same_config, to_dict
+from esa.config import VALIDATE_KINDS, ValidateConfig, resolve_attention, same_config, to_dict, validate
 from esa.errors import EsaError
 from esa.evaluate import evaluate, require_finite
 from esa.fingerprint import model_fingerprint
 from esa.manifest import Timer, build_manifest
 from esa.perturbation import PerturbSpec, perturbed
-from esa.plan import resolve_batch_size
-from esa.profile import open_for_selection, scored_tensors
+from esa.plan import with_planned_batch_size
+from esa.profile import scored_tensors
 from esa.runio import (MANIFEST, _json_safe, append_jsonl, atomic_write_csv, atomic_write_json, atomic_write_text,
                        clear_run_files, prepare_run_dir, read_csv_rows, read_json, read_jsonl)
-from esa.scoring import METRICS, check_metric, compute_scores, is_signed, needs_double_backward, ranking_view
+from esa.scoring import METRICS, compute_scores, is_signed, ranking_view
 from esa.selection import WeightSet, _sample_distinct, _stream_seed, select_extreme
-from esa.session import validate_data_config
+from esa.session import open_session
 from esa.tensors import TensorInfo
 
 ABLATIONS = "ablations.jsonl"
-KINDS = ("zero", "sign_flip")
+KINDS = VALIDATE_KINDS  # the ablations whose effect every metric predicts
 
 
 def default_metrics(n_weights: int, hessian_budget: int) -> list[str]:
@@ -189,22 +188,6 @@ def key_of(row: dict) -> str:
     return f"{row['tensor']}:{row['flat_index']}"
 
 
-def validate_config(config: ValidateConfig) -> None:
-    validate_data_config(config.data)
-    for m in config.metrics:
-        check_metric(m)
-    if len(set(config.metrics)) != len(config.metrics):
-        raise EsaError("--metrics names a metric twice")
-    if config.perturb not in KINDS:
-        raise EsaError(f"--perturb {config.perturb!r}: esa validate ablates with zero or sign_flip")
-    if config.sample < 10:
-        raise EsaError(f"--sample must be at least 10 (got {config.sample})")
-    if config.topk < 1:
-        raise EsaError(f"--topk must be at least 1 (got {config.topk})")
-    if config.n_bootstrap < 100:
-        raise EsaError("--n-bootstrap must be at least 100")
-
-
 def _prepare(config: ValidateConfig) -> tuple[Path, bool]:
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
     if config.overwrite or not (out_dir / "plan.csv").exists() or not (out_dir / "config.json").exists():
@@ -216,18 +199,17 @@ def _prepare(config: ValidateConfig) -> tuple[Path, bool]:
 
 
 def run_validate(config: ValidateConfig) -> dict:
-    validate_config(config)
+    validate(config)
     second_order = any(needs_double_backward(m) for m in (config.metrics or ["hutchinson_diag"]))
     # scoring (the costliest metric asked for) and single-weight evaluations: perturb's phases
-    resolve_batch_size(config.model, replace(config.selection, metric="hutchinson_diag" if second_order else
-                                             "grad_x_weight"), config.data, command="perturb")
+    config = replace(config, data=with_planned_batch_size(
+        config.model, replace(config.selection, metric="hutchinson_diag" if second_order else "grad_x_weight"),
+        config.data, command="perturb"))
     out_dir, resuming = _prepare(config)
     requested = to_dict(config)  # config.json: what was asked (a resumed run must ask the same)
     timer = Timer()
-    # The session opener picks eager attention when its metric needs double backward.
-    opener = replace(config.selection, metric="hutchinson_diag" if second_order else "magnitude")
-    with timer.phase("load"):
-        session = open_for_selection(replace(config.model), replace(config.data), opener)
+    with timer.phase("load"):  # every metric by default, hutchinson_diag among them
+        session = open_session(resolve_attention(config.model, config.metrics or ["hutchinson_diag"]), config.data)
     model = session.loaded.model
     params = dict(model.named_parameters())
     metrics = list(config.metrics) or default_metrics(

@@ -13,7 +13,7 @@ import esa.modeling
 import esa.plan
 from esa.cli.main import app
 from esa.config import BaselineConfig, DataConfig, ModelConfig, SelectionConfig
-from esa.plan import HEADROOM, CPU_BATCH_SIZE, plan_command, planned_batch_size, resolve_batch_size
+from esa.plan import HEADROOM, CPU_BATCH_SIZE, plan_command, planned_batch_size, with_planned_batch_size
 
 SEL = SelectionConfig(metric="grad_x_weight")
 
@@ -30,10 +30,11 @@ def _peak(batch: int, command: str = "profile") -> int:
 
 def test_on_cpu_the_batch_size_is_eight_and_a_given_one_is_kept():
     data = _data()
-    assert resolve_batch_size(ModelConfig(device="cpu"), SEL, data, command="profile") == CPU_BATCH_SIZE == 8
-    assert data.batch_size == 8
+    assert with_planned_batch_size(ModelConfig(device="cpu"), SEL, data, command="profile").batch_size \
+        == CPU_BATCH_SIZE == 8
+    assert data.batch_size is None  # the caller's configuration is not changed
     given = _data(batch_size=3)
-    assert resolve_batch_size(ModelConfig(device="cpu"), SEL, given, command="profile") == 3 and given.batch_size == 3
+    assert with_planned_batch_size(ModelConfig(device="cpu"), SEL, given, command="profile") is given
     if not torch.cuda.is_available():
         assert planned_batch_size(ModelConfig(device="auto"), SEL, _data(), command="baseline") == 8
 
@@ -60,8 +61,7 @@ def test_on_a_faked_gpu_the_batch_comes_from_its_total_memory(monkeypatch):
     memory = math.ceil(_peak(3) / HEADROOM) + 1
     monkeypatch.setattr(esa.modeling, "resolve_device", lambda device: torch.device("cuda"))
     monkeypatch.setattr(esa.plan, "device_total_memory", lambda device: memory)
-    data = _data()
-    assert resolve_batch_size(ModelConfig(), SEL, data, command="profile") == 3 and data.batch_size == 3
+    assert with_planned_batch_size(ModelConfig(), SEL, _data(), command="profile").batch_size == 3
 
 
 def test_a_run_without_batch_size_records_it_and_a_rerun_is_the_same_configuration(tmp_path):
