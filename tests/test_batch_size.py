@@ -69,19 +69,17 @@ def test_a_run_without_batch_size_records_it_and_a_rerun_is_the_same_configurati
     from esa.runbook import RunbookConfig, phase_configs, resolve, same_finished_run
 
     out = tmp_path / "run"
-    cfg = RunbookConfig(model=ModelConfig(device="cpu"), data=DataConfig(max_samples=2), out_dir=str(out))
-    resolve(cfg)
+    cfg = resolve(RunbookConfig(model=ModelConfig(device="cpu"), data=DataConfig(max_samples=2), out_dir=str(out)))
     assert cfg.data.batch_size == 8
     baseline = BaselineConfig(model=ModelConfig(device="cpu"), data=DataConfig(max_samples=2),
                               out_dir=str(out / "baseline"))
     run_baseline(baseline)  # as `esa baseline` without --batch-size
     assert json.loads((out / "baseline" / "config.json").read_text())["data"]["batch_size"] == 8
-    again = RunbookConfig(model=ModelConfig(device="cpu"), data=DataConfig(max_samples=2), out_dir=str(out))
-    resolve(again)  # the same flags: recognised as the finished baseline
+    # the same flags: recognised as the finished baseline
+    again = resolve(RunbookConfig(model=ModelConfig(device="cpu"), data=DataConfig(max_samples=2), out_dir=str(out)))
     assert same_finished_run(out / "baseline", phase_configs(again)["baseline"])
-    other = RunbookConfig(model=ModelConfig(device="cpu"), data=DataConfig(max_samples=2, batch_size=2),
-                          out_dir=str(out))
-    resolve(other)
+    other = resolve(RunbookConfig(model=ModelConfig(device="cpu"), data=DataConfig(max_samples=2, batch_size=2),
+                                  out_dir=str(out)))
     assert not same_finished_run(out / "baseline", phase_configs(other)["baseline"])
 
 
