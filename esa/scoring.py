@@ -294,7 +294,8 @@ def _probe_hessian(model, params, scores, batches, device, probes: int, seed: in
     is accumulated (and, for probe 0, ``on_gradient(name, ∇l_b)``), then is freed."""
     if probes < 1:
         raise EsaError(f"--hutchinson-probes must be at least 1 (got {probes})")
-    with forward_over_reverse(model), progress_bar(f"scoring ({label})", total=len(batches) * probes) as bar:
+    with forward_over_reverse(model) as sweep, \
+            progress_bar(f"scoring ({label})", total=len(batches) * probes) as bar:
         for b, batch in enumerate(batches):
             batch = batch.to(device)
             share = 1.0 if loss_share is None else loss_share(b)
@@ -310,7 +311,7 @@ def _probe_hessian(model, params, scores, batches, device, probes: int, seed: in
                     value = batch_loss(model, batch)
                     return value if loss_share is None else value * share
 
-                hvp_pass(model, loss, {n: (p, probe[n]) for n, p in params.items()}, set(scores), fold)
+                hvp_pass(model, sweep, loss, {n: (p, probe[n]) for n, p in params.items()}, set(scores), fold)
                 del probe
                 bar.advance()
 

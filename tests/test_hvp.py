@@ -85,11 +85,12 @@ def forward_over_reverse_hvp(model, batch, params: dict, z: dict, wanted=None) -
     set_attention(model, "sdpa")
     out = {}
 
-    def fold(name, g, hz):
-        out[name] = (g.clone(), hz.clone())
+    def fold(name, g, hz):  # a tied tensor arrives in parts that sum to its gradient
+        before = out.get(name, (0, 0))
+        out[name] = (before[0] + g, before[1] + hz)
 
-    with forward_over_reverse(model):
-        hvp_pass(model, lambda: mean_loss(model, batch), {n: (p, z[n]) for n, p in params.items()},
+    with forward_over_reverse(model) as sweep:
+        hvp_pass(model, sweep, lambda: mean_loss(model, batch), {n: (p, z[n]) for n, p in params.items()},
                  set(params) if wanted is None else set(wanted), fold)
     return out
 
