@@ -32,15 +32,19 @@ Memory: gradients are never alive for the whole model at once. Each scored param
 ``register_post_accumulate_grad_hook`` that folds its fresh gradient into its float32 score buffer and frees
 it (``p.grad = None``); parameters that are not scored do not require grad at all. Peak memory is the model, one
 float32 buffer per scored tensor, the activations of one batch, and the gradient of the tensor being folded.
-The second-order metrics differentiate through the gradient (double backward), which holds the gradient of
-every scored tensor with its graph: about two more copies of the scored weights, plus activations.
+``hessian_diag`` differentiates through the gradient (double backward), which holds the gradient of every scored
+tensor with its graph: about two more copies of the scored weights, plus activations. ``hutchinson_diag`` and
+``obd`` get H z by forward-over-reverse (:mod:`esa.hvp`): per probe one pass whose backward carries tangents, with
+the decoder layers swept one at a time; it holds the probe z over every scored tensor (as their tangent), each
+layer's input with its tangent, and one layer's activations at a time.
 
 Score groups: ``group`` names the scored tensors whose score buffers one call fills (the others get none), so that
 a caller can score a model in several passes over the same windows and keep only one group's buffers at a time.
 The result for a tensor does not depend on the grouping: the same batches are used, and for ``hutchinson_diag`` the
 probe z spans every scored tensor in every pass (H z needs the cross-tensor blocks), only the accumulation is per
-group. The probe is never held whole: z_t is drawn per tensor from a counter-based seed (seed, tensor, batch,
-probe) where it is used, in the backward of g·z and again when z_t ⊙ (H z)_t is folded.
+group. z_t is drawn per tensor from a counter-based seed (seed, tensor, batch, probe), so every pass and every
+group draws the same probes; it is the tangent of tensor t for the whole pass and is folded as z_t ⊙ (H z)_t when
+tensor t's gradient arrives.
 """
 
 from __future__ import annotations
