@@ -45,7 +45,6 @@ def measure(phase: str, metric: str, groups: int, *, hidden: int, layers: int, v
     import torch
 
     from esa.evaluate import evaluate
-    from esa.modeling import set_attention
     from esa.plan import plan_loaded
     from esa.profile import reduce_scores, split_groups
     from esa.scoring import compute_scores
@@ -58,8 +57,6 @@ def measure(phase: str, metric: str, groups: int, *, hidden: int, layers: int, v
     if phase == "baseline":
         evaluate(model, ids, batch_size=batch_size)
     else:
-        if metric == "hutchinson_diag":
-            set_attention(model, "eager")
         for group in split_groups([t for t, _ in tensors], groups):
             scores = compute_scores(model, tensors, ids, metric, batch_size=batch_size, hutchinson_probes=probes,
                                     group=[t.name for t in group])

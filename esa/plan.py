@@ -9,24 +9,32 @@ nh = attention heads, V = vocabulary, n = layers):
 - weights: every parameter, s bytes each.
 - score buffers: 4 bytes (float32) per scored weight of the largest score group (only one group is alive).
 - gradients: first-order metrics hold one gradient at a time (the largest scored tensor, s bytes per element);
-  second-order ones hold the gradient of every scored tensor with its graph (s per scored weight) plus one H z.
-- probes: hutchinson_diag draws z per tensor where it is used: two of the largest scored tensor (the one being
-  differentiated and the one being folded).
+  hessian_diag holds the gradient of every scored tensor with its graph (s per scored weight) plus one H z. The
+  Hutchinson metrics (hutchinson_diag, obd: forward-over-reverse, :mod:`esa.hvp`) hold one tensor's gradient and
+  its H z at a time (2 s per element of the largest) plus the float32 temporaries of its fold (8 bytes; obd 16).
+- probes: hutchinson_diag and obd carry z as the tangent of every scored tensor for the whole pass: s per scored
+  weight.
 - activations: what the forward pass keeps for backward, per token and layer
   (22 H + 6 KV + 8 I) s  — the two RMSNorms with their float32 upcasts, q/k/v, RoPE, o, and the gated MLP —
   plus attention: 2 (q, k, v, out are counted above; the fused kernel's log-sum-exp) with SDPA, or 6 nh L bytes
-  with eager attention (float32 softmax kept for backward and its s-byte copy). Double backward keeps the
-  first backward's graph as well: twice the forward's activations. Evaluation without gradients holds one layer's
-  temporaries, (4 H + 4 I) s per token plus the eager attention scores.
+  with eager attention (float32 softmax kept for backward and its s-byte copy). Double backward (hessian_diag)
+  keeps the first backward's graph as well: twice the forward's activations. Forward-over-reverse sweeps the
+  decoder layers one at a time (:class:`esa.hvp.LayerSweep`): it keeps each layer's input and its tangent,
+  2 H s per token and layer, and recomputes one layer at a time in backward, whose activations, their tangents and
+  the backward's transients are 4 (22 H + 6 KV + 8 I) s per token, plus SDPA's math kernel for that layer:
+  32 nh L bytes (float32 probabilities, their tangent and the backward's transients; measured on CPU,
+  bench/RESULTS.md). Evaluation without gradients holds one layer's temporaries,
+  (4 H + 4 I) s per token plus the eager attention scores.
 - logits: the loss runs through the head in chunks of :func:`esa.evaluate.chunk_tokens_for` tokens; a chunk
-  holds its logits in the model dtype, their float32 copy and the float32 gradient (s + 8 bytes per logit).
+  holds its logits in the model dtype, their float32 copy and the float32 gradient (s + 8 bytes per logit), twice
+  that with tangents (forward-over-reverse).
 - workspace: a fixed 1 GiB on CUDA for library workspaces, allocator slack and the selection/statistics
   temporaries; on CPU, where the measured peak is the process's RSS, 512 MiB for the interpreter and libraries.
 
 Time model: FLOPs per token of a forward pass ≈ 2 × active parameters + 2 n L H (causal attention), a
 forward+backward three times that. Relative to a plain forward+backward (measured on CPU, DESIGN §9):
-grad_x_weight / grad_squared 1.1×, hutchinson_diag 3.9× + 2.7× per probe after the first, act_mag and
-evaluation 1/3, magnitude none. Throughput: :data:`GPU_FLOPS` on CUDA (about 40% of an H100's dense bf16 peak),
+grad_x_weight / grad_squared 1.1×, hutchinson_diag and obd :data:`HVP_PASS` per probe (each probe is one
+forward-over-reverse pass), act_mag and evaluation 1/3, magnitude none. Throughput: :data:`GPU_FLOPS` on CUDA (about 40% of an H100's dense bf16 peak),
 :data:`CPU_FLOPS` on CPU. These are assumptions until measured (bench/RESULTS.md).
 """
 
@@ -36,7 +44,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from esa.errors import EsaError
-from esa.scoring import needs_double_backward
+from esa.scoring import needs_double_backward, uses_hvp
 from esa.tensors import TensorInfo
 
 GiB = 1 << 30
@@ -46,6 +54,7 @@ MAX_BATCH = 64
 GPU_FLOPS = 4.0e14
 CPU_FLOPS = 1.0e11
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+HVP_PASS = 2.7  # one forward-over-reverse pass (dual forward, layer recompute, dual backward) / a forward+backward
 SLOWDOWN = {"grad_x_weight": 1.1, "grad_squared": 1.1, "taylor": 1.1, "act_mag": 1 / 3, "magnitude": 0.0}
 PARTS = ("weights", "score_buffers", "gradients", "probes", "activations", "logits", "workspace")
 
@@ -153,8 +162,10 @@ def activation_bytes_per_token(shape: ModelShape, w: Workload, *, backward: bool
     eager = 6 * shape.heads * w.seq_len if w.attention == "eager" else 0
     if not backward:
         return (4 * shape.hidden + 4 * shape.intermediate) * s + eager
-    per_layer = (22 * shape.hidden + 6 * shape.kv + 8 * shape.intermediate) * s + eager
-    return per_layer * shape.layers
+    per_layer = (22 * shape.hidden + 6 * shape.kv + 8 * shape.intermediate) * s
+    if uses_hvp(w.metric):  # forward-over-reverse, checkpointed layers: the inputs kept, one layer recomputed
+        return 2 * shape.hidden * s * shape.layers + 4 * per_layer + 32 * shape.heads * w.seq_len
+    return (per_layer + eager) * shape.layers
 
 
 def logits_bytes(shape: ModelShape, w: Workload, tokens: int) -> int:
@@ -187,9 +198,13 @@ def score_parts(shape: ModelShape, w: Workload, batch: int, groups: int) -> dict
     if w.metric in ("grad_x_weight", "grad_squared", "taylor"):
         parts["gradients"] = largest * s
         parts["activations"] = int(tokens * activation_bytes_per_token(shape, w, backward=True))
+    elif uses_hvp(w.metric):
+        parts["gradients"] = largest * (2 * s + (16 if w.metric == "obd" else 8))
+        parts["probes"] = scored * s
+        parts["activations"] = int(tokens * activation_bytes_per_token(shape, w, backward=True))
+        parts["logits"] *= 2
     elif needs_double_backward(w.metric):
         parts["gradients"] = scored * s + largest * s
-        parts["probes"] = 2 * largest * s if w.metric in ("hutchinson_diag", "obd") else 0
         parts["activations"] = int(2 * tokens * activation_bytes_per_token(shape, w, backward=True))
     return parts
 
@@ -207,7 +222,7 @@ def _seconds(shape: ModelShape, w: Workload, windows: float, factor: float) -> f
 
 def score_factor(w: Workload) -> float:
     if w.metric in ("hutchinson_diag", "obd"):
-        return 3.9 + 2.7 * (w.hutchinson_probes - 1)
+        return HVP_PASS * w.hutchinson_probes
     return SLOWDOWN.get(w.metric, 3.9)
 
 

@@ -35,15 +35,19 @@ Memory: gradients are never alive for the whole model at once. Each scored param
 ``register_post_accumulate_grad_hook`` that folds its fresh gradient into its float32 score buffer and frees
 it (``p.grad = None``); parameters that are not scored do not require grad at all. Peak memory is the model, one
 float32 buffer per scored tensor, the activations of one batch, and the gradient of the tensor being folded.
-The second-order metrics differentiate through the gradient (double backward), which holds the gradient of
-every scored tensor with its graph: about two more copies of the scored weights, plus activations.
+``hessian_diag`` differentiates through the gradient (double backward), which holds the gradient of every scored
+tensor with its graph: about two more copies of the scored weights, plus activations. ``hutchinson_diag`` and
+``obd`` get H z by forward-over-reverse (:mod:`esa.hvp`): per probe one pass whose backward carries tangents, with
+the decoder layers swept one at a time; it holds the probe z over every scored tensor (as their tangent), each
+layer's input with its tangent, and one layer's activations at a time.
 
 Score groups: ``group`` names the scored tensors whose score buffers one call fills (the others get none), so that
 a caller can score a model in several passes over the same windows and keep only one group's buffers at a time.
 The result for a tensor does not depend on the grouping: the same batches are used, and for ``hutchinson_diag`` the
 probe z spans every scored tensor in every pass (H z needs the cross-tensor blocks), only the accumulation is per
-group. The probe is never held whole: z_t is drawn per tensor from a counter-based seed (seed, tensor, batch,
-probe) where it is used, in the backward of g·z and again when z_t ⊙ (H z)_t is folded.
+group. z_t is drawn per tensor from a counter-based seed (seed, tensor, batch, probe), so every pass and every
+group draws the same probes; it is the tangent of tensor t for the whole pass and is folded as z_t ⊙ (H z)_t when
+tensor t's gradient arrives.
 
 Data parallel (torchrun, :mod:`esa.distributed`): the batches are those of one process, each rank folds the
 contiguous block of them that :func:`esa.distributed.shard` gives it, keyed by their global index b (so probes
@@ -65,6 +69,7 @@ from esa.config import HESSIAN_BUDGET as DEFAULT_HESSIAN_BUDGET  # declared once
 from esa.errors import EsaError
 from esa.evaluate import mean_loss, model_device
 from esa.experts import call_arguments, is_fused_experts, routed_inputs
+from esa.hvp import forward_over_reverse, hvp_pass
 from esa.kernels import accumulate_
 from esa.modeling import set_attention
 from esa.placement import is_offloaded, refuse_offload, weight_tensors
@@ -94,7 +99,13 @@ def needs_data(metric: str) -> bool:
 
 
 def needs_double_backward(metric: str) -> bool:
-    return metric in SECOND_ORDER or metric == "obd"
+    """Only the exact ``hessian_diag`` differentiates through a gradient's graph (with eager attention)."""
+    return metric == "hessian_diag"
+
+
+def uses_hvp(metric: str) -> bool:
+    """The Hutchinson metrics: Hessian-vector products by forward-over-reverse (:mod:`esa.hvp`)."""
+    return metric in ("hutchinson_diag", "obd")
 
 
 def is_signed(metric: str) -> bool:
@@ -180,19 +191,6 @@ def rademacher_like(p: torch.Tensor, seed: int, name: str, batch: int, probe: in
     return rademacher(p.shape, p.dtype, p.device, seed, name, batch, probe)
 
 
-class _ProbeDot(torch.autograd.Function):
-    """g · z for the probe z = rademacher_like(g, *key); z is drawn again in backward instead of being saved."""
-
-    @staticmethod
-    def forward(ctx, g: torch.Tensor, key: tuple) -> torch.Tensor:
-        ctx.key, ctx.shape, ctx.dtype, ctx.device = key, g.shape, g.dtype, g.device
-        return (g * rademacher_like(g, *key)).sum()
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        return grad_out * rademacher(ctx.shape, ctx.dtype, ctx.device, *ctx.key), None
-
-
 def compute_scores(
     model: torch.nn.Module,
     tensors: list[tuple[TensorInfo, torch.nn.Parameter]],
@@ -250,12 +248,13 @@ def compute_scores(
 
     was_training = model.training
     model.eval()
-    if needs_double_backward(metric):
+    attention = _attention_for(metric)
+    if attention:
         meta["attn_implementation_was"] = getattr(model.config, "_attn_implementation", None)
-        set_attention(model, "eager")  # fused SDPA/flash kernels have no double backward
+        _set_attention_or_eager(model, attention)
     try:
-        spans_all = metric in ("hutchinson_diag", "obd")  # a probe over every scored tensor, whatever the group
-        with _grad_enabled_for(list((spanned if spans_all else params).values())):
+        # The Hutchinson metrics differentiate dual copies of the parameters (esa.hvp), not the parameters.
+        with _grad_enabled_for([] if uses_hvp(metric) else list(params.values())):
             if metric in FIRST_ORDER:
                 _first_order(model, params, scores, batches, device, metric)
             elif metric == "hutchinson_diag":
@@ -270,7 +269,7 @@ def compute_scores(
                 _hessian_diag(model, params, scores, batches, device)
     finally:
         model.train(was_training)
-        if needs_double_backward(metric) and meta.get("attn_implementation_was"):
+        if attention and meta.get("attn_implementation_was"):
             set_attention(model, meta["attn_implementation_was"])
     for s in scores.values():  # each rank's sum over its batches → the sum over every batch
         distributed.all_reduce_sum_(s)
@@ -284,6 +283,19 @@ def compute_scores(
         if metric in SECOND_ORDER:
             s.abs_()
     return ScoreSet(metric, infos, scores, len(batches), meta)
+
+
+def _attention_for(metric: str) -> str | None:
+    """``eager`` for double backward (fused SDPA/flash kernels have none), ``sdpa`` for forward-over-reverse (run on
+    its math kernel, see :mod:`esa.hvp`), None (the model's own) otherwise."""
+    return "eager" if needs_double_backward(metric) else "sdpa" if uses_hvp(metric) else None
+
+
+def _set_attention_or_eager(model: torch.nn.Module, implementation: str) -> None:
+    try:
+        set_attention(model, implementation)
+    except (ValueError, ImportError):  # an architecture without SDPA support: eager also has forward AD
+        set_attention(model, "eager")
 
 
 def _first_order(model, params, scores, batches, device, metric) -> None:
@@ -302,35 +314,35 @@ def _first_order(model, params, scores, batches, device, metric) -> None:
 def _probe_hessian(model, params, scores, batches, device, probes: int, seed: int, *, label: str,
                    fold_hz: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None],
                    loss_share: Callable[[int], float] | None = None,
-                   on_gradients: Callable[[list[torch.Tensor]], None] | None = None) -> None:
-    """The double-backward loop of the Hutchinson estimator: per batch b, g = ∇(s_b·L_b) with its graph (s_b =
-    ``loss_share(b)``, else 1), ``on_gradients(g)``, then per probe z (Rademacher over every tensor of ``params``,
-    drawn again per tensor, never a full set in memory) H z = d/dw (g · z), delivered tensor by tensor to
-    ``fold_hz(name, Hz, p, z)`` for the tensors of ``scores`` (a subset of ``params``)."""
+                   on_gradient: Callable[[str, torch.Tensor], None] | None = None) -> None:
+    """The Hutchinson loop, forward-over-reverse (:mod:`esa.hvp`): per batch b and probe i, one pass of
+    l_b = s_b·L_b (s_b = ``loss_share(b)``, else 1) with every tensor t of ``params`` the dual number (w_t, z_t),
+    z_t = ``rademacher_like(w_t, seed, t, b, i)``; backward flows to the tensors of ``scores`` only (a subset of
+    ``params``) and each one's gradient, primal ∇l_b and tangent (H_b z)_t, goes to ``fold_hz(name, Hz, p, z)`` as it
+    is accumulated (and, for probe 0, ``on_gradient(name, ∇l_b)``), then is freed."""
     if probes < 1:
         raise EsaError(f"--hutchinson-probes must be at least 1 (got {probes})")
-    names, plist = list(params), list(params.values())
-    key: list = []  # (batch, probe) of the probe being folded
-
-    def fold(name: str, hz: torch.Tensor, p: torch.Tensor) -> None:
-        if name in scores:
-            fold_hz(name, hz, p, rademacher_like(p, seed, name, *key))
-
     mine = _mine(batches)
-    with fold_gradients(params, fold), progress_bar(f"scoring ({label})", total=len(mine) * probes) as bar:
+    with forward_over_reverse(model) as sweep, \
+            progress_bar(f"scoring ({label})", total=len(mine) * probes) as bar:
         for b, batch in mine:
-            loss = batch_loss(model, batch.to(device))
-            grads = torch.autograd.grad(loss if loss_share is None else loss * loss_share(b), plist,
-                                        create_graph=True)
-            if on_gradients is not None:
-                on_gradients(grads)
+            batch = batch.to(device)
+            share = 1.0 if loss_share is None else loss_share(b)
             for i in range(probes):
-                key[:] = [b, i]
-                # each g · z on its tensor's device, the scalars summed on the first device (a split model)
-                g_dot_z = sum(_ProbeDot.apply(g, (seed, n, b, i)).to(device) for n, g in zip(names, grads))
-                g_dot_z.backward(retain_graph=i < probes - 1)
+                probe = {n: rademacher_like(p, seed, n, b, i) for n, p in params.items()}
+
+                def fold(name: str, g: torch.Tensor, hz: torch.Tensor, first: bool = i == 0) -> None:
+                    if on_gradient is not None and first:
+                        on_gradient(name, g)
+                    fold_hz(name, hz, params[name], probe[name])
+
+                def loss() -> torch.Tensor:
+                    value = batch_loss(model, batch)
+                    return value if loss_share is None else value * share
+
+                hvp_pass(model, sweep, loss, {n: (p, probe[n]) for n, p in params.items()}, set(scores), fold)
+                del probe
                 bar.advance()
-            del grads
 
 
 def _hutchinson(model, params, scores, batches, device, probes: int, seed: int) -> None:
@@ -369,19 +381,15 @@ def _obd(model, params, scores, batches, device, probes: int, seed: int) -> None
     With l_b = (n_b/N) L_b: the gradient g'_b = ∇l_b gives the first-order term (folded with ``product`` against
     −w); each probe's H'_b z is folded against z ⊙ w² / (2m), built in fp32 for one tensor at a time.
     """
-    names = list(params)
-
-    def first_order(grads: list[torch.Tensor]) -> None:
-        for name, g in zip(names, grads):
-            if name in scores:
-                accumulate_("product", scores[name], g.detach(), params[name].detach().neg())
+    def first_order(name: str, g: torch.Tensor) -> None:
+        accumulate_("product", scores[name], g, params[name].detach().neg())
 
     def fold_hz(name: str, hz: torch.Tensor, p: torch.Tensor, z: torch.Tensor) -> None:
         w = p.detach().float()
         accumulate_("product", scores[name], z.float() * w * w * (0.5 / probes), hz)
 
     _probe_hessian(model, params, scores, batches, device, probes, seed, label="obd", fold_hz=fold_hz,
-                   loss_share=lambda b: _mean_loss_share(batches, b), on_gradients=first_order)
+                   loss_share=lambda b: _mean_loss_share(batches, b), on_gradient=first_order)
 
 
 def _hessian_diag(model, params, scores, batches, device) -> None:
