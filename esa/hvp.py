@@ -195,7 +195,8 @@ def _no_tangent(ctx, *tangents):
 @contextlib.contextmanager
 def forward_over_reverse(model: torch.nn.Module) -> Iterator[LayerSweep]:
     """Make ``model`` run forward-over-reverse (module docstring): SiLU swapped, decoder layers swept one at a
-    time (:class:`LayerSweep`, yielded: call its ``backward()`` after the loss's), SDPA on its math kernel.
+    time (:class:`LayerSweep`, yielded: call its ``backward()`` after the loss's), SDPA on its math kernel, fused
+    mixture-of-experts layers on transformers' per-expert loop (``grouped_mm`` has no forward-AD formula).
     Everything is restored on exit."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils import checkpoint as ckpt
@@ -206,7 +207,13 @@ def forward_over_reverse(model: torch.nn.Module) -> Iterator[LayerSweep]:
     # checkpoints its head chunks): its output is an empty placeholder, so its tangent is one too.
     noop = getattr(ckpt, "_NoopSaveInputs", None)
     patched = noop is not None and "jvp" not in vars(noop)
+    # transformers reads config._experts_implementation at every forward of a fused experts module
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+               if getattr(c, "_experts_implementation", None) not in (None, "eager")}
+    experts_kernels = {key: c._experts_implementation for key, c in configs.items()}
     try:
+        for c in configs.values():
+            c._experts_implementation = "eager"
         if patched:
             noop.jvp = staticmethod(_no_tangent)
         for parent in list(model.modules()):
@@ -226,6 +233,8 @@ def forward_over_reverse(model: torch.nn.Module) -> Iterator[LayerSweep]:
             setattr(parent, name, child)
         if patched:
             del noop.jvp
+        for key, c in configs.items():
+            c._experts_implementation = experts_kernels[key]
 
 
 @contextlib.contextmanager
