@@ -35,6 +35,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from esa.callmodule import make_callable
 from esa.errors import EsaError
 from esa.scoring import needs_double_backward
 from esa.tensors import TensorInfo
@@ -164,7 +165,7 @@ def logits_bytes(shape: ModelShape, w: Workload, tokens: int) -> int:
 
 
 def group_sizes(shape: ModelShape, groups: int) -> list[int]:
-    from esa.profile import split_groups
+    from esa.scoregroups import split_groups
 
     return [sum(t.numel for t in g) for g in split_groups(list(shape.tensors), groups)]
 
@@ -412,3 +413,6 @@ def refuse_if_it_cannot_fit(model_cfg, sel, data, *, command: str) -> None:
     if not p.fits:
         raise EsaError(f"--batch-size {data.batch_size} cannot fit this GPU by the plan: {p.reason} "
                        f"(see `esa plan`)")
+
+
+make_callable(__name__)  # esa.plan(...) is esa.api.plan (see esa.callmodule)

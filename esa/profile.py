@@ -13,195 +13,41 @@ Files in the run directory:
 - ``scores.safetensors`` with ``--save-scores`` (float32, one entry per tensor: 4 bytes per weight);
 - ``plots/`` with ``--save-plots``; ``config.json``; ``experiment_manifest.json`` (last).
 
-Score groups: the scored tensors are split into contiguous groups (``--score-groups``, or the plan's choice on
-CUDA), each scored in its own pass over the same windows; of each buffer only its top and bottom candidates and
-its tail summary are kept before the next group starts. Selections are merged from those candidates in model
-order, so every file is byte-identical to a single-group run.
+This module is the command only: scoring and selection live in :mod:`esa.scoreselect` (score groups give files
+byte-identical to a single-group run), the selection files in :mod:`esa.weightsfile`, the CCDFs in :mod:`esa.ccdf`.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from esa import tailstats
-from esa.baseline import begin_run
+from esa.callmodule import make_callable
+from esa.ccdf import ccdf_curves, write_ccdf
 from esa.config import ProfileConfig, SelectionConfig, to_dict
 from esa.errors import EsaError
 from esa.manifest import Timer, build_manifest
-from esa.plan import planned_groups, predicted_peak, refuse_if_it_cannot_fit
-from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, prepare_run_dir, read_csv_rows
+from esa.plan import predicted_peak, refuse_if_it_cannot_fit
+from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, begin_run, prepare_run_dir
 from esa.scorefile import ScoreFile
-from esa.scoring import ScoreSet, check_metric, compute_scores, needs_data, needs_double_backward, ranking_view
-from esa.selection import MODES, Candidates, WeightSet, jaccard, merge_candidates, tensor_candidates
-from esa.session import Session, open_session, validate_data_config
-from esa.tensors import TensorInfo, select_tensors
-from esa.windows import Windows, seeded_subset, stability_subset_size
+from esa.scoreselect import (MIN_TAIL_VALUES, Selection, open_for_selection, score_and_select, scored_tensors,
+                             seeded_selections, validate_selection)
+from esa.scoring import needs_data
+from esa.selection import WeightSet, jaccard
+from esa.session import Session, validate_data_config
+from esa.tensors import TensorInfo
+from esa.weightsfile import write_weights
 
-WEIGHTS_HEADER = ("rank", "tensor", "layer", "component", "expert", "row", "col", "flat_index", "score", "weight")
 STATS_COLUMNS = ("numel", "zeros", "mean", "std", "max", "max_over_mean", "q50", "q90", "q99", "q999", "gini",
                  "excess_kurtosis", "topk", "topk_mass_share", "tail_m", "hill_alpha", "best_fit",
                  "R_powerlaw_vs_exponential", "p_powerlaw_vs_exponential", "R_powerlaw_vs_lognormal",
                  "p_powerlaw_vs_lognormal", "stretched_exp_beta", "p_stretched_exp_vs_exponential",
                  "heavier_than_exponential")
 EDGE_COMPONENTS = ("embed", "lm_head")
-MIN_TAIL_VALUES = 1000
-
-
-@dataclass
-class Selection:
-    """Scores reduced to what later steps need: the chosen sets and the tensors they come from."""
-
-    tensors: list[TensorInfo]
-    top: WeightSet
-    bottom: WeightSet
-    summaries: dict[str, tailstats.TensorSummary] = field(default_factory=dict)
-
-
-def validate_selection(sel: SelectionConfig) -> None:
-    check_metric(sel.metric)
-    if sel.mode not in MODES:
-        raise EsaError(f"unknown --mode {sel.mode!r}; use per_layer or global")
-    if sel.topk < 1:
-        raise EsaError(f"--topk must be at least 1 (got {sel.topk})")
-    if sel.hutchinson_probes < 1:
-        raise EsaError(f"--hutchinson-probes must be at least 1 (got {sel.hutchinson_probes})")
-    if sel.score_groups is not None and sel.score_groups < 1:
-        raise EsaError(f"--score-groups must be at least 1 (got {sel.score_groups})")
-
-
-def scored_tensors(model: torch.nn.Module, sel: SelectionConfig) -> list[tuple[TensorInfo, torch.nn.Parameter]]:
-    tensors = select_tensors(model, sel.include, sel.exclude, biases=sel.include_biases, norms=sel.include_norms)
-    if not tensors:
-        raise EsaError("no tensor matches --include/--exclude (see tensor names with `esa tensors`)")
-    return tensors
-
-
-def split_groups(tensors: list[TensorInfo], n: int) -> list[list[TensorInfo]]:
-    """``min(n, len(tensors))`` contiguous groups in model order, of about equal numbers of weights."""
-    n = max(1, min(n, len(tensors)))
-    total = sum(t.numel for t in tensors)
-    groups: list[list[TensorInfo]] = [[]]
-    done = 0
-    for i, t in enumerate(tensors):
-        to_open = n - len(groups)
-        # a new group starts where the next tensor would end nearer the following boundary than this one
-        if groups[-1] and (to_open >= len(tensors) - i or (to_open > 0 and done + t.numel / 2 >= total * len(groups) / n)):
-            groups.append([])
-        groups[-1].append(t)
-        done += t.numel
-    return groups
-
-
-@dataclass
-class Reduced:
-    """What selection and statistics keep of one tensor's scores once its buffer is freed."""
-
-    top: Candidates
-    bottom: Candidates
-    summary: tailstats.TensorSummary | None
-
-
-def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_unused: bool = True
-                  ) -> dict[str, Reduced]:
-    """Per scored tensor: its top-k and bottom-k candidates and, with ``summarize``, its tail-statistics summary
-    (of |S| for a signed metric). ``skip_unused``: bottom-k leaves out zero-score weights (:mod:`esa.selection`).
-
-    Two selections per buffer: the largest max(k, tail) scores serve both the top-k and the tail statistics.
-    """
-    out = {}
-    tail = max(k, MIN_TAIL_VALUES)
-    for t in scores.tensors:
-        if t.name not in scores.scores:
-            continue
-        s = scores.scores[t.name]
-        top = tensor_candidates(t.name, s, tail if summarize else k, largest=True, metric=scores.metric)
-        bottom = tensor_candidates(t.name, s, k, largest=False, metric=scores.metric, skip_unused=skip_unused)
-        summary = None
-        if summarize:
-            summary = tailstats.summarize(ranking_view(s, scores.metric), tail, seed=seed, top=top.values)
-        out[t.name] = Reduced(top, bottom, summary)
-    return out
-
-
-def score_and_select(session: Session, sel: SelectionConfig, windows: torch.Tensor, *, batch_size: int, seed: int,
-                     summarize: bool = False, groups: int | None = None, on_scores=None) -> tuple[Selection, dict]:
-    """Score the selected tensors in ``groups`` passes over ``windows`` (default: :func:`score_groups`), holding one
-    group's score buffers at a time,
-    keeping per tensor only its candidates and summary; ``on_scores(ScoreSet)`` sees each group's buffers first.
-
-    Returns the selection and a description of the scoring (metric, batches, groups, the metric's notes).
-    """
-    tensors = scored_tensors(session.loaded.model, sel)
-    if groups is None and sel.score_groups is None:
-        groups = planned_groups(session.loaded.model, [t for t, _ in tensors], command="profile", metric=sel.metric,
-                                seq_len=windows.shape[1], n_windows=windows.shape[0], batch_size=batch_size,
-                                hutchinson_probes=sel.hutchinson_probes, device=str(session.loaded.device))
-    split = split_groups([t for t, _ in tensors], groups or score_groups(sel))
-    reduced: dict[str, Reduced] = {}
-    described: dict = {"metric": sel.metric, "score_groups": len(split), "meta": {}}
-    for group in split:
-        scores = compute_scores(session.loaded.model, tensors, windows, sel.metric, batch_size=batch_size,
-                                hutchinson_probes=sel.hutchinson_probes, hessian_budget=sel.hessian_budget, seed=seed,
-                                group=[t.name for t in group])
-        if on_scores is not None:
-            on_scores(scores)
-        reduced.update(reduce_scores(scores, sel.topk, summarize=summarize, seed=seed,
-                                     skip_unused=not sel.bottom_k_include_unused))
-        described["n_batches"] = scores.n_batches
-        for key, value in scores.meta.items():  # act_mag lists skipped tensors per group
-            described["meta"][key] = described["meta"].get(key, []) + value if isinstance(value, list) else value
-        del scores
-    infos = [t for t, _ in tensors if t.name in reduced]
-    if not infos:
-        raise EsaError("act_mag scores Linear and Embedding weights only, and none is selected")
-    top = merge_candidates(infos, {n: r.top for n, r in reduced.items()}, sel.topk, sel.mode, largest=True)
-    bottom = merge_candidates(infos, {n: r.bottom for n, r in reduced.items()}, sel.topk, sel.mode, largest=False)
-    summaries = {n: r.summary for n, r in reduced.items()} if summarize else {}
-    return Selection(infos, top, bottom, summaries), described
-
-
-# ----------------------------------------------------------------------------------------------- weights files
-def weight_rows(ws: WeightSet, tensors: list[TensorInfo], params: dict[str, torch.Tensor]) -> list[tuple]:
-    info = {t.name: t for t in tensors}
-    rows = []
-    by_tensor: dict[str, list[int]] = {}
-    for i, name in enumerate(ws.tensor):
-        by_tensor.setdefault(name, []).append(i)
-    values = np.full(len(ws), np.nan)
-    coords = {"expert": [None] * len(ws), "row": [None] * len(ws), "col": [None] * len(ws)}
-    for name, positions in by_tensor.items():
-        flat = torch.as_tensor(ws.flat_index[positions])
-        if name in params:
-            values[positions] = params[name].detach().reshape(-1)[flat.to(params[name].device)].double().cpu().numpy()
-        c = info[name].coordinates(flat)
-        for key in coords:
-            for p, v in zip(positions, c[key].tolist() if c[key] is not None else [None] * len(positions)):
-                coords[key][p] = v
-    for i, name in enumerate(ws.tensor):
-        t = info[name]
-        expert = coords["expert"][i] if coords["expert"][i] is not None else t.expert
-        rows.append((int(ws.rank[i]), name, "" if t.layer is None else t.layer, t.component,
-                     "" if expert is None else expert, coords["row"][i], "" if coords["col"][i] is None else coords["col"][i],
-                     int(ws.flat_index[i]), repr(float(ws.score[i])), repr(float(values[i]))))
-    return rows
-
-
-def write_weights(path: Path, ws: WeightSet, tensors: list[TensorInfo], params: dict[str, torch.Tensor]) -> None:
-    atomic_write_csv(path, WEIGHTS_HEADER, weight_rows(ws, tensors, params))
-
-
-def read_weights(path: Path, kind: str = "top_k") -> WeightSet:
-    """A selection back from ``top_weights.csv``-style files (only tensor and flat_index are needed)."""
-    rows = read_csv_rows(path, required=("tensor", "flat_index"))
-    score = np.array([float(r["score"]) if r.get("score") not in (None, "") else np.nan for r in rows])
-    rank = np.array([int(r["rank"]) if r.get("rank") not in (None, "") else i for i, r in enumerate(rows)], np.int64)
-    return WeightSet([r["tensor"] for r in rows], np.array([int(r["flat_index"]) for r in rows], np.int64), score,
-                     rank, kind)
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -250,64 +96,7 @@ def location_table(selection: Selection) -> tuple[list[tuple], dict]:
                   "tensors_with_topk": tensors_hit, "largest_single_tensor_share": top_tensor_share}
 
 
-CCDF_POINTS = 400  # per component in ccdf.csv: enough for a smooth log-log curve
-
-
-def ccdf_curves(selection: Selection) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per component, the empirical CCDF P(S ≥ x) of its scores, thinned to log-spaced points.
-
-    The tail comes from the exact top scores (P = i / n), the body from the seeded sample (P = i / sample size,
-    kept no lower than the exact tail's last value, so that the curve is monotone); zero scores are left out (a log axis cannot show them; their count is in score_stats.json).
-    """
-    by_component: dict[str, list[tailstats.TensorSummary]] = {}
-    for t in selection.tensors:
-        by_component.setdefault(_group_key(t), []).append(selection.summaries[t.name])
-    tail = max(s.top.size for s in selection.summaries.values())
-    curves = {}
-    for comp, summaries in by_component.items():
-        pooled = tailstats.combine(summaries, tail=tail)
-        body = np.sort(pooled.sample[pooled.sample > 0])[::-1]
-        p_body = np.arange(1, body.size + 1) / max(pooled.sample.size, 1)
-        top = pooled.top[pooled.top > 0]
-        p_top = np.arange(1, top.size + 1) / pooled.numel
-        keep = body < (top[-1] if top.size else np.inf)
-        x = np.concatenate([top, body[keep]])
-        # The exact tail bounds the sampled body from below: P(S ≥ x) cannot drop as x falls.
-        p = np.maximum.accumulate(np.concatenate([p_top, p_body[keep]]))
-        if x.size > CCDF_POINTS:
-            idx = np.unique(np.geomspace(1, x.size, CCDF_POINTS).astype(np.int64) - 1)
-            x, p = x[idx], p[idx]
-        curves[comp] = (x, p)
-    return curves
-
-
-def ccdf_rows(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[tuple]:
-    return [(comp, repr(float(xi)), repr(float(pi))) for comp, (x, p) in sorted(curves.items()) for xi, pi in zip(x, p)]
-
-
-def read_ccdf(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    curves: dict[str, tuple[list, list]] = {}
-    for r in read_csv_rows(path, required=("component", "score", "ccdf")):
-        xs, ps = curves.setdefault(r["component"], ([], []))
-        xs.append(float(r["score"]))
-        ps.append(float(r["ccdf"]))
-    return {c: (np.array(x), np.array(p)) for c, (x, p) in curves.items()}
-
-
 # ----------------------------------------------------------------------------------------------- stability
-def seeded_selections(session: Session, sel: SelectionConfig, seeds: list[int], fraction: float, *,
-                      batch_size: int) -> dict[int, tuple[Selection, Windows]]:
-    """Per seed, the selection made on a seeded subset of round(fraction · n) evaluation windows, and the subset."""
-    n = session.windows.n
-    size = stability_subset_size(n, fraction)
-    out = {}
-    for s in seeds:
-        subset = session.windows.subset(seeded_subset(n, size, s))
-        chosen, _ = score_and_select(session, sel, subset.input_ids, batch_size=batch_size, seed=s)
-        out[s] = (chosen, subset)
-    return out
-
-
 def stability(session: Session, config: ProfileConfig) -> tuple[dict, dict[int, Selection]]:
     """Top-k from seeded subsets of the evaluation windows (a fraction of them each) and their pairwise Jaccard."""
     chosen = seeded_selections(session, config.selection, config.seeds, config.stability_fraction,
@@ -352,12 +141,6 @@ def validate_profile(config: ProfileConfig) -> None:
             raise EsaError("--stability-fraction must be in (0, 1]")
 
 
-def open_for_selection(config_model, data, sel: SelectionConfig) -> Session:
-    if needs_double_backward(sel.metric) and not config_model.attn_implementation:
-        config_model.attn_implementation = "eager"  # double backward needs the plain attention path
-    return open_session(config_model, data)
-
-
 def run_profile(config: ProfileConfig, *, command: str = "profile", session: Session | None = None) -> dict:
     """Score, select and write the run; ``session`` reuses a loaded model and its windows (``esa run``)."""
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
@@ -397,7 +180,7 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
     write_weights(out_dir / "bottom_weights.csv", selection.bottom, selection.tensors, params)
     atomic_write_csv(out_dir / "tensor_stats.csv", ("tensor", "layer", "component", *STATS_COLUMNS), stat_rows)
     atomic_write_json(out_dir / "score_stats.json", stats)
-    atomic_write_csv(out_dir / "ccdf.csv", ("component", "score", "ccdf"), ccdf_rows(curves))
+    write_ccdf(out_dir / "ccdf.csv", curves)
     atomic_write_csv(out_dir / "locations.csv", ("layer", "component", "topk_count", "topk_share", "score_mass_share"),
                      loc_rows)
     if stab is not None:
@@ -460,13 +243,11 @@ def _first(ws: WeightSet, tensors: list[TensorInfo]) -> dict | None:
             "flat_index": int(ws.flat_index[0]), "score": float(ws.score[0])}
 
 
-def score_groups(sel: SelectionConfig) -> int:
-    """The number of score groups forced by ``--score-groups``, else one (the plan decides on CUDA)."""
-    return sel.score_groups or 1
-
-
 def _open_score_file(out_dir: Path, model: torch.nn.Module, sel: SelectionConfig, n_windows: int,
                      batch_size: int) -> ScoreFile:
     n_batches = -(-n_windows // batch_size) if needs_data(sel.metric) else 0
     tensors = [t for t, _ in scored_tensors(model, sel)]
     return ScoreFile(out_dir / "scores.safetensors", tensors, {"metric": sel.metric, "n_batches": n_batches})
+
+
+make_callable(__name__)  # esa.profile(...) is esa.api.profile (see esa.callmodule)

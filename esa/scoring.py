@@ -46,7 +46,6 @@ probe) where it is used, in the backward of g·z and again when z_t ⊙ (H z)_t 
 from __future__ import annotations
 
 import contextlib
-import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -57,6 +56,7 @@ from esa.evaluate import mean_loss
 from esa.kernels import accumulate_
 from esa.modeling import set_attention
 from esa.progress import progress_bar
+from esa.seeding import seed_for
 from esa.tensors import TensorInfo
 
 METRICS = ("grad_x_weight", "grad_squared", "hessian_diag", "hutchinson_diag", "magnitude", "act_mag", "taylor", "obd")
@@ -147,14 +147,10 @@ def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [input_ids[i : i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
 
 
-def _seed_for(*parts: object) -> int:
-    return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
-
-
 def rademacher(shape: torch.Size, dtype: torch.dtype, device: torch.device, seed: int, name: str, batch: int,
                probe: int) -> torch.Tensor:
     """±1 of ``shape`` and ``dtype``, reproducible for (seed, tensor name, batch, probe) on a given device."""
-    g = torch.Generator(device=device).manual_seed(_seed_for(seed, name, batch, probe))
+    g = torch.Generator(device=device).manual_seed(seed_for(seed, name, batch, probe))
     z = torch.randint(0, 2, shape, generator=g, device=device, dtype=torch.int8)
     return (z * 2 - 1).to(dtype)
 

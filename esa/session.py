@@ -38,6 +38,15 @@ def open_session(model_cfg: ModelConfig, data: DataConfig) -> Session:
     loaded = load_model(model_cfg.model, dtype=model_cfg.dtype, device=model_cfg.device, revision=model_cfg.revision,
                         trust_remote_code=model_cfg.trust_remote_code,
                         attn_implementation=model_cfg.attn_implementation)
+    return session_for(loaded, data, corpus)
+
+
+def session_for(loaded: LoadedModel, data: DataConfig, corpus: Corpus | None = None) -> Session:
+    """A session around a model already loaded (``esa.api`` with a model object): load the text (unless given) and
+    cut the windows; fills in ``data.seq_len`` when it was left to the default."""
+    validate_data_config(data)
+    if corpus is None:
+        corpus = load_corpus(data.dataset, text_file=data.text_file, dataset_path=data.dataset_path)
     if data.seq_len is None:
         data.seq_len = default_seq_len(loaded.max_positions)
     ids = tokenize(loaded.tokenizer, corpus.text)

@@ -40,15 +40,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from esa.baseline import begin_run
+from esa.callmodule import make_callable
 from esa.config import SuperweightsConfig, to_dict
 from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate
 from esa.manifest import Timer, build_manifest
 from esa.perturbation import PerturbSpec, perturbed
-from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, is_finished, prepare_run_dir, read_csv_rows, read_json
+from esa.runio import (MANIFEST, atomic_write_csv, atomic_write_json, begin_run, is_finished, prepare_run_dir,
+                       read_csv_rows, read_json)
 from esa.selection import WeightSet
-from esa.session import open_session
+from esa.session import Session, open_session
 from esa.superweight_registry import lookup
 
 DEFAULT_PROMPT = SuperweightsConfig().prompt  # the paper's probe sentence
@@ -365,7 +366,8 @@ def candidate_rows(found: list[Candidate]) -> list[tuple]:
             for i, c in enumerate(found)]
 
 
-def run_superweights(config: SuperweightsConfig) -> dict:
+def run_superweights(config: SuperweightsConfig, *, session: Session | None = None) -> dict:
+    """Detect and write the run; ``session`` reuses a loaded model and its windows (``esa.api``)."""
     if config.threshold < 0 or config.relative_threshold < 0:
         raise EsaError("--threshold and --relative-threshold must not be negative")
     if config.max_iterations < 1:
@@ -373,7 +375,7 @@ def run_superweights(config: SuperweightsConfig) -> dict:
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
     timer = Timer()
     with timer.phase("load"):
-        session = open_session(config.model, config.data)
+        session = session or open_session(config.model, config.data)
     model = session.loaded.model
     if config.data.max_samples is not None:
         ids, source = session.windows.input_ids, f"{session.windows.n} evaluation windows"
@@ -418,3 +420,6 @@ def run_superweights(config: SuperweightsConfig) -> dict:
     atomic_write_json(out_dir / "metrics.json", metrics)
     atomic_write_json(out_dir / MANIFEST, build_manifest("superweights", timer=timer, extra=session.describe()))
     return {"out_dir": out_dir, "found": found, "metrics": metrics}
+
+
+make_callable(__name__)  # esa.superweights(...) is esa.api.superweights (see esa.callmodule)

@@ -37,20 +37,19 @@ import numpy as np
 import torch
 
 from esa import stats
-from esa.baseline import begin_run
-from esa.config import PerturbConfig, SelectionConfig, same_config, to_dict
+from esa.config import PerturbConfig, SelectionConfig, to_dict
 from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate, require_finite
 from esa.fingerprint import model_fingerprint
 from esa.manifest import Timer, build_manifest
 from esa.perturbation import PerturbSpec, perturbed, validate_spec
-from esa.profile import (open_for_selection, read_weights, score_and_select, seeded_selections, validate_selection,
-                         write_weights)
-from esa.runio import (MANIFEST, append_jsonl, atomic_write_json, clear_run_files, is_finished, prepare_run_dir,
-                       read_csv_rows, read_json, read_jsonl)
+from esa.runio import (MANIFEST, append_jsonl, atomic_write_json, begin_run, clear_run_files, is_finished,
+                       prepare_resumable_run, read_csv_rows, read_json, read_jsonl)
+from esa.scoreselect import open_for_selection, score_and_select, seeded_selections, validate_selection
 from esa.selection import WeightSet, jaccard, select_random
 from esa.session import Session, validate_data_config
 from esa.tensors import describe_parameters, select_tensors
+from esa.weightsfile import read_weights, write_weights
 from esa.windows import stability_subset_size
 
 CONTROLS = ("random_k", "bottom_k")
@@ -255,15 +254,8 @@ def _result_of(record: dict) -> EvalResult:
 def prepare_perturb_dir(config: PerturbConfig) -> tuple[Path, bool]:
     """(run directory, resuming?): a finished run needs --overwrite; an unfinished one with the same
     configuration resumes; an unfinished one with another configuration is refused."""
-    out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
-    if config.overwrite:
-        return out_dir, False
-    if (out_dir / TRIALS).exists() and (out_dir / "config.json").exists():
-        if not same_config(read_json(out_dir / "config.json"), config, ignore=("overwrite", "save_plots")):
-            raise EsaError(f"{out_dir} holds an unfinished perturb run with another configuration; pass --overwrite "
-                           "to discard it or choose another --out-dir")
-        return out_dir, True
-    return out_dir, False
+    return prepare_resumable_run(Path(config.out_dir), config, overwrite=config.overwrite, marker=TRIALS,
+                                 command="perturb", ignore=("overwrite", "save_plots"))
 
 
 def run_perturb(config: PerturbConfig, *, command: str = "perturb", session: Session | None = None) -> dict:
