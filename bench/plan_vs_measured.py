@@ -46,7 +46,8 @@ def measure(phase: str, metric: str, groups: int, *, hidden: int, layers: int, v
 
     from esa.evaluate import evaluate
     from esa.plan import plan_loaded
-    from esa.profile import reduce_scores, split_groups
+    from esa.scoregroups import split_groups
+    from esa.scoreselect import reduce_scores
     from esa.scoring import compute_scores
     from esa.tensors import select_tensors
 

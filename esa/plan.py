@@ -43,6 +43,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from esa.callmodule import make_callable
 from esa.errors import EsaError
 from esa.scoring import needs_double_backward, uses_hvp
 from esa.tensors import TensorInfo
@@ -175,7 +176,7 @@ def logits_bytes(shape: ModelShape, w: Workload, tokens: int) -> int:
 
 
 def group_sizes(shape: ModelShape, groups: int) -> list[int]:
-    from esa.profile import split_groups
+    from esa.scoregroups import split_groups
 
     return [sum(t.numel for t in g) for g in split_groups(list(shape.tensors), groups)]
 
@@ -403,7 +404,7 @@ def planned_groups(model, scored: list[TensorInfo], **workload) -> int:
         return 1
     if len(set(getattr(model, "hf_device_map", None) or {0: 0}.values())) > 1:  # split with --device-map
         try:
-            return split_groups(model, scored, **workload)
+            return split_model_groups(model, scored, **workload)
         except (AttributeError, TypeError, ValueError):
             return 1
     total = device_total_memory(torch.device(device))
@@ -416,8 +417,6 @@ def planned_groups(model, scored: list[TensorInfo], **workload) -> int:
 def refuse_if_it_cannot_fit(model_cfg, sel, data, *, command: str) -> None:
     """On CUDA, before any weight is loaded: refuse a batch size (and score groups) the plan says cannot fit the
     device, with the plan's numbers. Elsewhere nothing is checked (CPU memory is the host's)."""
-    import torch
-
     from esa.modeling import resolve_device
 
     if getattr(model_cfg, "device_map", None):  # a split model: the one-device plan does not apply (esa plan)
@@ -494,7 +493,7 @@ def device_peaks(p: Plan, per_device: dict[str, int], head: str | None) -> dict[
             for d, weights in per_device.items()}
 
 
-def split_groups(model, scored: list[TensorInfo], **workload) -> int:
+def split_model_groups(model, scored: list[TensorInfo], **workload) -> int:
     """The fewest score groups for which every GPU of a split model (``model.hf_device_map``) fits its memory by
     :func:`device_peaks`; the most groups when none fits (the run then tries anyway)."""
     import torch
@@ -572,3 +571,6 @@ def plan_split(shape: ModelShape, model_cfg, w: Workload, device_memory: int) ->
                  "its share of the weights; the logits sit on the output head's device; the single-device plan "
                  "above is the whole model on one device")
     return lines, fits, reason
+
+
+make_callable(__name__)  # esa.plan(...) is esa.api.plan (see esa.callmodule)

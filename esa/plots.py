@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from esa.runio import atomic_write_bytes  # noqa: E402
+from esa.weightsfile import weight_rows  # noqa: E402
 
 FORMATS = ("png", "pdf")
 
@@ -31,7 +32,7 @@ def save(fig, path_stem: Path) -> list[Path]:
 
 
 def plot_ccdf(curves: dict[str, tuple[np.ndarray, np.ndarray]], metric: str, path_stem: Path) -> list[Path]:
-    """Log-log CCDF per component; ``curves`` maps component → (score x, P(score ≥ x)) (see profile.ccdf_curves)."""
+    """Log-log CCDF per component; ``curves`` maps component → (score x, P(score ≥ x)) (see esa.ccdf.ccdf_curves)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for comp in sorted(curves):
         x, p = curves[comp]
@@ -115,8 +116,6 @@ def plot_top_locations(rows: list[tuple], path_stem: Path, n: int = 200) -> list
 
 
 def profile_plots(plot_dir: Path, selection, location_rows: list[tuple], curves: dict, *, metric: str) -> list[Path]:
-    from esa.profile import weight_rows  # local: plots is imported by profile
-
     paths = plot_ccdf(curves, metric, plot_dir / "score_ccdf")
     paths += plot_heatmap(location_rows, 2, "Top-k weights per layer × component", plot_dir / "heatmap_topk_count",
                           "top-k count")

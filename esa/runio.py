@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from esa import distributed
+from esa.config import same_config
 from esa.errors import EsaError
 
 MANIFEST = "experiment_manifest.json"
@@ -176,6 +177,12 @@ def append_jsonl(path: Path, record: dict) -> None:
         raise write_error(Path(path), e) from None
 
 
+def atomic_write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    """Replace a JSON-lines file as a whole (e.g. without the torn tail :func:`read_jsonl` skipped), atomically;
+    lines as :func:`append_jsonl` writes them."""
+    atomic_write_text(path, "".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in records))
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Read a JSON-lines file, ignoring a torn (unparsable) final line left by a crash."""
     path = Path(path)
@@ -244,6 +251,28 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> Path:
         raise EsaError(f"{run_dir} already holds a finished run; pass --overwrite to replace it or choose another --out-dir")
     distributed.barrier()  # every rank has looked before rank 0 changes anything
     return run_dir
+
+
+def prepare_resumable_run(run_dir: Path, config: Any, *, overwrite: bool, marker: str, command: str,
+                          ignore: tuple[str, ...] = ("overwrite",)) -> tuple[Path, bool]:
+    """(run directory, resuming?) for a command that resumes (``esa perturb``, ``esa validate``): a finished run
+    needs ``overwrite``; an unfinished one holding ``marker`` and a ``config.json`` that describes ``config``
+    (top-level keys in ``ignore`` aside) resumes; one with another configuration is refused."""
+    run_dir = prepare_run_dir(Path(run_dir), overwrite=overwrite)
+    if overwrite or not (run_dir / marker).exists() or not (run_dir / "config.json").exists():
+        return run_dir, False
+    if not same_config(read_json(run_dir / "config.json"), config, ignore=ignore):
+        raise EsaError(f"{run_dir} holds an unfinished {command} run with another configuration; pass --overwrite "
+                       "to discard it or choose another --out-dir")
+    return run_dir, True
+
+
+def begin_run(run_dir: Path, overwrite: bool) -> None:
+    """Mark the directory unfinished before new results replace old ones (so a crash cannot mix two runs):
+    with ``overwrite``, the finished run's manifest is removed; the new one is written last."""
+    manifest = Path(run_dir) / MANIFEST
+    if overwrite and manifest.exists():
+        manifest.unlink()
 
 
 def clear_run_files(run_dir: Path, names: Iterable[str]) -> None:

@@ -58,7 +58,6 @@ with ``all_reduce``, one tensor at a time, before the division by B (for act_mag
 from __future__ import annotations
 
 import contextlib
-import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -74,6 +73,7 @@ from esa.kernels import accumulate_
 from esa.modeling import set_attention
 from esa.placement import is_offloaded, refuse_offload, weight_tensors
 from esa.progress import progress_bar
+from esa.seeding import seed_for
 from esa.tensors import TensorInfo
 
 METRICS = ("grad_x_weight", "grad_squared", "hessian_diag", "hutchinson_diag", "magnitude", "act_mag", "taylor", "obd")
@@ -174,14 +174,10 @@ def _mine(batches: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
     return [(b, batches[b]) for b in distributed.shard(len(batches))]
 
 
-def _seed_for(*parts: object) -> int:
-    return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
-
-
 def rademacher(shape: torch.Size, dtype: torch.dtype, device: torch.device, seed: int, name: str, batch: int,
                probe: int) -> torch.Tensor:
     """±1 of ``shape`` and ``dtype``, reproducible for (seed, tensor name, batch, probe) on a given device."""
-    g = torch.Generator(device=device).manual_seed(_seed_for(seed, name, batch, probe))
+    g = torch.Generator(device=device).manual_seed(seed_for(seed, name, batch, probe))
     z = torch.randint(0, 2, shape, generator=g, device=device, dtype=torch.int8)
     return (z * 2 - 1).to(dtype)
 

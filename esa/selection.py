@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +33,7 @@ import torch
 from esa.errors import EsaError
 from esa.kernels import merge_topk, topk
 from esa.scoring import ScoreSet, is_signed, ranking_view
+from esa.seeding import stream_seed
 from esa.tensors import TensorInfo
 
 MODES = ("per_layer", "global")
@@ -259,11 +259,7 @@ def merge_candidates(infos: list[TensorInfo], candidates: dict[str, Candidates],
     return WeightSet(names, flat.numpy(), reported.double().numpy(), np.arange(len(names)), kind, meta)
 
 
-def _stream_seed(seed: int, name: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFFFFFF
-
-
-def _sample_distinct(n: int, count: int, excluded: set[int], gen: torch.Generator) -> list[int]:
+def sample_distinct(n: int, count: int, excluded: set[int], gen: torch.Generator) -> list[int]:
     """``count`` distinct integers of [0, n) not in ``excluded``, uniformly, in draw order.
 
     A permutation of [0, n) for small tensors (or large draws from mid-sized ones), otherwise rejection sampling,
@@ -300,8 +296,8 @@ def select_random(tensors: list[TensorInfo], reference: WeightSet, seed: int, *,
     if stratified:
         by_name = {t.name: t for t in tensors}
         for name, count in reference.counts().items():
-            gen = torch.Generator().manual_seed(_stream_seed(seed, name))
-            picks = _sample_distinct(by_name[name].numel, count, taken.get(name, set()), gen)
+            gen = torch.Generator().manual_seed(stream_seed(seed, name))
+            picks = sample_distinct(by_name[name].numel, count, taken.get(name, set()), gen)
             names += [name] * len(picks)
             flat += picks
     else:
@@ -310,8 +306,8 @@ def select_random(tensors: list[TensorInfo], reference: WeightSet, seed: int, *,
         position = {t.name: i for i, t in enumerate(tensors)}
         for name, idx in zip(reference.tensor, reference.flat_index.tolist()):
             excluded.add(int(offsets[position[name]]) + idx)
-        gen = torch.Generator().manual_seed(_stream_seed(seed, "<all>"))
-        for g in _sample_distinct(int(offsets[-1]), len(reference), excluded, gen):
+        gen = torch.Generator().manual_seed(stream_seed(seed, "<all>"))
+        for g in sample_distinct(int(offsets[-1]), len(reference), excluded, gen):
             t = int(np.searchsorted(offsets, g, side="right") - 1)
             names.append(tensors[t].name)
             flat.append(g - int(offsets[t]))

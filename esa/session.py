@@ -29,6 +29,15 @@ def open_session(model_cfg: ModelConfig, data: DataConfig) -> Session:
                         trust_remote_code=model_cfg.trust_remote_code,
                         attn_implementation=model_cfg.attn_implementation, device_map=model_cfg.device_map,
                         max_memory=model_cfg.max_memory)
+    return session_for(loaded, data, corpus)
+
+
+def session_for(loaded: LoadedModel, data: DataConfig, corpus: Corpus | None = None) -> Session:
+    """A session around a model already loaded (``esa.api`` with a model object): load the text (unless given) and
+    cut the windows, with ``data.seq_len`` resolved when it was left to the default (``data`` is not changed)."""
+    validate_data(data)
+    if corpus is None:
+        corpus = load_corpus(data.dataset, text_file=data.text_file, dataset_path=data.dataset_path)
     data = resolve_seq_len(data, loaded.max_positions)
     ids = tokenize(loaded.tokenizer, corpus.text)
     windows = make_windows(ids, data.seq_len, max_samples=data.max_samples, seed=data.seed,

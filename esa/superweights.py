@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from esa.baseline import begin_run
+from esa.callmodule import make_callable
 from esa.config import SuperweightsConfig, resolve_seq_len, to_dict, validate
 from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate
@@ -48,9 +48,10 @@ from esa.experts import call_arguments, routed_inputs
 from esa.manifest import Timer, build_manifest
 from esa.perturbation import PerturbSpec, perturbed
 from esa.plan import with_planned_batch_size
-from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, is_finished, prepare_run_dir, read_csv_rows, read_json
+from esa.runio import (MANIFEST, atomic_write_csv, atomic_write_json, begin_run, is_finished, prepare_run_dir,
+                       read_csv_rows, read_json)
 from esa.selection import WeightSet
-from esa.session import open_session
+from esa.session import Session, open_session
 from esa.superweight_registry import lookup
 
 DEFAULT_PROMPT = SuperweightsConfig().prompt  # the paper's probe sentence
@@ -361,14 +362,15 @@ def candidate_rows(found: list[Candidate]) -> list[tuple]:
             for i, c in enumerate(found)]
 
 
-def run_superweights(config: SuperweightsConfig) -> dict:
+def run_superweights(config: SuperweightsConfig, *, session: Session | None = None) -> dict:
+    """Detect and write the run; ``session`` reuses a loaded model and its windows (``esa.api``)."""
     validate(config)
     out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
     config = replace(config, data=with_planned_batch_size(config.model, None, config.data,
                                                           command="baseline"))  # forward passes only
     timer = Timer()
     with timer.phase("load"):
-        session = open_session(config.model, config.data)
+        session = session or open_session(config.model, config.data)
     config = replace(config, data=resolve_seq_len(config.data, session.loaded.max_positions))
     model = session.loaded.model
     if config.data.max_samples is not None:
@@ -414,3 +416,6 @@ def run_superweights(config: SuperweightsConfig) -> dict:
     atomic_write_json(out_dir / "metrics.json", metrics)
     atomic_write_json(out_dir / MANIFEST, build_manifest("superweights", timer=timer, extra=session.describe()))
     return {"out_dir": out_dir, "found": found, "metrics": metrics}
+
+
+make_callable(__name__)  # esa.superweights(...) is esa.api.superweights (see esa.callmodule)

@@ -41,8 +41,7 @@ import numpy as np
 import torch
 
 from esa import distributed, stats
-from esa.baseline import begin_run
-from esa.config import CONTROLS, PerturbConfig, SelectionConfig, same_config, to_dict, validate
+from esa.config import CONTROLS, PerturbConfig, SelectionConfig, to_dict, validate
 from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate, require_finite
 from esa.fingerprint import model_fingerprint
@@ -50,13 +49,13 @@ from esa.manifest import Timer, build_manifest
 from esa.perturbation import PerturbSpec, perturbed, validate_spec
 from esa.placement import weight_tensors
 from esa.plan import with_planned_batch_size
-from esa.profile import (open_for_selection, read_weights, resolved_for, score_and_select, seeded_selections,
-                         write_weights)
-from esa.runio import (MANIFEST, append_jsonl, atomic_write_json, clear_run_files, is_finished, prepare_run_dir,
-                       read_csv_rows, read_json, read_jsonl)
+from esa.runio import (MANIFEST, append_jsonl, atomic_write_json, begin_run, clear_run_files, is_finished,
+                       prepare_resumable_run, read_csv_rows, read_json, read_jsonl)
+from esa.scoreselect import open_for_selection, resolved_for, score_and_select, seeded_selections
 from esa.selection import WeightSet, jaccard, select_random
 from esa.session import Session
 from esa.tensors import describe_parameters, select_tensors
+from esa.weightsfile import read_weights, write_weights
 from esa.windows import stability_subset_size
 
 KNOWN = "known"  # --weights known: the published super weights of the model (esa.superweight_registry)
@@ -240,15 +239,8 @@ def _result_of(record: dict) -> EvalResult:
 def prepare_perturb_dir(config: PerturbConfig) -> tuple[Path, bool]:
     """(run directory, resuming?): a finished run needs --overwrite; an unfinished one with the same
     configuration resumes; an unfinished one with another configuration is refused."""
-    out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
-    if config.overwrite:
-        return out_dir, False
-    if (out_dir / TRIALS).exists() and (out_dir / "config.json").exists():
-        if not same_config(read_json(out_dir / "config.json"), config, ignore=("overwrite", "save_plots")):
-            raise EsaError(f"{out_dir} holds an unfinished perturb run with another configuration; pass --overwrite "
-                           "to discard it or choose another --out-dir")
-        return out_dir, True
-    return out_dir, False
+    return prepare_resumable_run(Path(config.out_dir), config, overwrite=config.overwrite, marker=TRIALS,
+                                 command="perturb", ignore=("overwrite", "save_plots"))
 
 
 def run_perturb(config: PerturbConfig, *, command: str = "perturb", session: Session | None = None) -> dict:

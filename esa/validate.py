@@ -25,28 +25,29 @@ source, delta_nll, one score column per metric), ``validate.json``, ``plots/scat
 
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import stats as sps
 
-from esa.baseline import begin_run
-from esa.config import VALIDATE_KINDS, ValidateConfig, resolve_attention, same_config, to_dict, validate
+from esa.callmodule import make_callable
+from esa.config import VALIDATE_KINDS, ValidateConfig, resolve_attention, to_dict, validate
 from esa.errors import EsaError
 from esa.evaluate import evaluate, require_finite
 from esa.fingerprint import model_fingerprint
 from esa.manifest import Timer, build_manifest
 from esa.perturbation import PerturbSpec, perturbed
 from esa.plan import with_planned_batch_size
-from esa.profile import scored_tensors
-from esa.runio import (MANIFEST, _json_safe, append_jsonl, atomic_write_csv, atomic_write_json, atomic_write_text,
-                       clear_run_files, prepare_run_dir, read_csv_rows, read_json, read_jsonl)
-from esa.scoring import METRICS, compute_scores, is_signed, ranking_view
-from esa.selection import WeightSet, _sample_distinct, _stream_seed, select_extreme
-from esa.session import open_session
+from esa.runio import (MANIFEST, append_jsonl, atomic_write_csv, atomic_write_json, atomic_write_jsonl,
+                       begin_run, clear_run_files, prepare_resumable_run, read_csv_rows, read_jsonl)
+from esa.scoreselect import scored_tensors
+from esa.scoring import METRICS, compute_scores, is_signed, needs_double_backward
+from esa.seeding import stream_seed
+from esa.selection import WeightSet, sample_distinct, select_extreme
+from esa.session import Session, open_session
 from esa.tensors import TensorInfo
 
 ABLATIONS = "ablations.jsonl"
@@ -72,8 +73,8 @@ def stratified_sample(tensors: list[TensorInfo], n: int, seed: int) -> list[tupl
         quota[int(np.argmax(quota))] -= 1
     out = []
     for t, q in zip(tensors, quota.tolist()):
-        gen = torch.Generator().manual_seed(_stream_seed(seed, f"validate|{t.name}"))
-        out += [(t.name, i) for i in _sample_distinct(t.numel, q, set(), gen)]
+        gen = torch.Generator().manual_seed(stream_seed(seed, f"validate|{t.name}"))
+        out += [(t.name, i) for i in sample_distinct(t.numel, q, set(), gen)]
     return out
 
 
@@ -189,16 +190,12 @@ def key_of(row: dict) -> str:
 
 
 def _prepare(config: ValidateConfig) -> tuple[Path, bool]:
-    out_dir = prepare_run_dir(Path(config.out_dir), overwrite=config.overwrite)
-    if config.overwrite or not (out_dir / "plan.csv").exists() or not (out_dir / "config.json").exists():
-        return out_dir, False
-    if not same_config(read_json(out_dir / "config.json"), config, ignore=("overwrite",)):
-        raise EsaError(f"{out_dir} holds an unfinished validate run with another configuration; pass --overwrite "
-                       "to discard it or choose another --out-dir")
-    return out_dir, True
+    return prepare_resumable_run(Path(config.out_dir), config, overwrite=config.overwrite, marker="plan.csv",
+                                 command="validate")
 
 
-def run_validate(config: ValidateConfig) -> dict:
+def run_validate(config: ValidateConfig, *, session: Session | None = None) -> dict:
+    """Ablate, compare and write the run; ``session`` reuses a loaded model and its windows (``esa.api``)."""
     validate(config)
     second_order = any(needs_double_backward(m) for m in (config.metrics or ["hutchinson_diag"]))
     # scoring (the costliest metric asked for) and single-weight evaluations: perturb's phases
@@ -209,7 +206,8 @@ def run_validate(config: ValidateConfig) -> dict:
     requested = to_dict(config)  # config.json: what was asked (a resumed run must ask the same)
     timer = Timer()
     with timer.phase("load"):  # every metric by default, hutchinson_diag among them
-        session = open_session(resolve_attention(config.model, config.metrics or ["hutchinson_diag"]), config.data)
+        session = session or open_session(resolve_attention(config.model, config.metrics or ["hutchinson_diag"]),
+                                          config.data)
     model = session.loaded.model
     params = dict(model.named_parameters())
     metrics = list(config.metrics) or default_metrics(
@@ -228,7 +226,7 @@ def run_validate(config: ValidateConfig) -> dict:
     path = out_dir / ABLATIONS
     records = read_jsonl(path)
     if records:  # rewrite without a torn tail, so the next append starts on a line of its own
-        atomic_write_text(path, "".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in records))
+        atomic_write_jsonl(path, records)
     done = {r["key"]: r for r in records}
     windows = session.windows.input_ids
     bs = config.data.batch_size
@@ -300,3 +298,6 @@ def scatter_plots(plan: list[dict], done: dict, metrics: list[str], plot_dir: Pa
         ax.set_title(f"{m}: {int(keep.sum())} sampled weights")
         ax.legend(fontsize=8)
         plots.save(fig, plot_dir / f"scatter_{m}")
+
+
+make_callable(__name__)  # esa.validate(...) is esa.api.validate (see esa.callmodule)

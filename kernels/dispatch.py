@@ -79,19 +79,23 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@triton.jit
+def _probe_kernel(x):  # never launched: decorated here, like every kernel module's, to see Triton's choice
+    pass
+
+
 def triton_interpret() -> bool:
     """Whether esa's Triton kernels run in Triton's CPU interpreter.
 
     Triton makes that choice when a kernel is decorated, from ``TRITON_INTERPRET`` at that moment; so this looks at
-    a decorated kernel rather than at the current environment.
+    a kernel decorated when this module was imported (the kernel modules import it first, so they decorate theirs
+    under the same setting) rather than at the current environment.
     """
     if not HAS_TRITON:
         return False
     from triton.runtime.interpreter import InterpretedFunction
 
-    from esa.kernels.accumulate import _accumulate_kernel
-
-    return isinstance(_accumulate_kernel, InterpretedFunction)
+    return isinstance(_probe_kernel, InterpretedFunction)
 
 
 def requested_backend() -> str:

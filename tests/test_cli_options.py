@@ -192,7 +192,7 @@ def test_esa_run_refuses_bad_values_before_loading_anything(tmp_path):
 
 
 def test_resolution_returns_a_new_configuration_and_leaves_the_callers():
-    from esa.profile import open_for_selection
+    from esa.scoreselect import open_for_selection
     from esa.runbook import resolve
 
     model, data = ModelConfig(device="cpu"), DataConfig(max_samples=2, batch_size=2)

@@ -107,9 +107,9 @@ def test_random_k_uniform_covers_tensors_by_size():
 
 
 def test_random_k_large_tensor_does_not_enumerate_all_elements():
-    from esa.selection import _sample_distinct
+    from esa.selection import sample_distinct
 
-    picks = _sample_distinct(1 << 40, 1000, {5, 6, 7}, torch.Generator().manual_seed(0))
+    picks = sample_distinct(1 << 40, 1000, {5, 6, 7}, torch.Generator().manual_seed(0))
     assert len(set(picks)) == 1000 and not {5, 6, 7} & set(picks) and max(picks) < 1 << 40
 
 

@@ -207,7 +207,7 @@ def test_stories260k_true_top_set_is_still_met(tmp_path):
 def test_stories260k_random_super_sets_are_not_evidence(tmp_path):
     """Null: 'super' sets that are themselves 20 random weights (esa perturb --weights), three of them: the old
     rows (per-window paired p, point ratio) were met in about 40% of such runs; the set-level rows about 5%."""
-    from esa.profile import open_for_selection
+    from esa.scoreselect import open_for_selection
 
     cfg = _stories_config(tmp_path / "n0", control_sets=19, controls=["random_k"])
     session = open_for_selection(cfg.model, cfg.data, cfg.selection)

@@ -23,6 +23,7 @@ from esa.report.experts_section import experts_figures, experts_table
 from esa.report.tables import Table, fmt, to_html, to_latex, to_markdown
 from esa.errors import EsaError
 from esa.runio import atomic_write_json, atomic_write_text, check_writable, read_csv_rows
+from esa.weightsfile import top_location_rows
 
 
 # ----------------------------------------------------------------------------------------------- analysis
@@ -228,17 +229,10 @@ def environment_table(col: Collection) -> Table:
 
 
 # ----------------------------------------------------------------------------------------------- figures
-def top_location_rows(path: Path) -> list[tuple]:
-    """top_weights.csv as the tuples :func:`esa.plots.plot_top_locations` draws (row, col and score as numbers)."""
-    return [(int(x["rank"]), x["tensor"], x["layer"], x["component"], x["expert"], int(x["row"]),
-             "" if x["col"] == "" else int(x["col"]), int(x["flat_index"]), float(x["score"]))
-            for x in read_csv_rows(path, required=("rank", "tensor", "component", "row", "col", "score"))]
-
-
 def make_figures(col: Collection, comparison: dict | None, fig_dir: Path) -> list[tuple[str, Path]]:
     """(caption, PNG path) of every figure drawn from the run files (a PDF is written beside each PNG)."""
     from esa import plots
-    from esa.profile import read_ccdf
+    from esa.ccdf import read_ccdf
 
     figures: list[tuple[str, Path]] = []
     for r in col.of("profile"):

@@ -1,0 +1,177 @@
+"""Scores → selection: score a session's tensors in groups and keep, per tensor, its top / bottom candidates and
+tail summary; merge them into the top-k and bottom-k of :mod:`esa.selection` (per_layer or global).
+
+Score groups: the scored tensors are split into contiguous groups (``--score-groups``, or the plan's choice on
+CUDA), each scored in its own pass over the same windows; of each buffer only its top and bottom candidates and
+its tail summary are kept before the next group starts. Selections are merged from those candidates in model
+order, so the result is identical to a single-group run.
+
+Used by ``esa profile``, ``esa perturb`` (re-selection, stability) and ``esa validate``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from esa import tailstats
+from esa.config import ModelConfig, SelectionConfig, resolve_attention, resolve_seq_len
+from esa.errors import EsaError
+from esa.experts import expert_mass
+from esa.plan import planned_groups
+from esa.scoregroups import score_groups, split_groups
+from esa.scoring import ScoreSet, check_metric, compute_scores, ranking_view
+from esa.selection import MODES, Candidates, WeightSet, merge_candidates, tensor_candidates
+from esa.session import Session, open_session
+from esa.tensors import TensorInfo, select_tensors
+from esa.windows import Windows, seeded_subset, stability_subset_size
+
+MIN_TAIL_VALUES = 1000
+
+
+@dataclass
+class Selection:
+    """Scores reduced to what later steps need: the chosen sets and the tensors they come from."""
+
+    tensors: list[TensorInfo]
+    top: WeightSet
+    bottom: WeightSet
+    summaries: dict[str, tailstats.TensorSummary] = field(default_factory=dict)
+    expert_mass: dict[str, list[float]] = field(default_factory=dict)  # per fused expert stack: Σ|S| per expert
+
+
+def validate_selection(sel: SelectionConfig) -> None:
+    check_metric(sel.metric)
+    if sel.mode not in MODES:
+        raise EsaError(f"unknown --mode {sel.mode!r}; use per_layer or global")
+    if sel.topk < 1:
+        raise EsaError(f"--topk must be at least 1 (got {sel.topk})")
+    if sel.hutchinson_probes < 1:
+        raise EsaError(f"--hutchinson-probes must be at least 1 (got {sel.hutchinson_probes})")
+    if sel.score_groups is not None and sel.score_groups < 1:
+        raise EsaError(f"--score-groups must be at least 1 (got {sel.score_groups})")
+
+
+def scored_tensors(model: torch.nn.Module, sel: SelectionConfig) -> list[tuple[TensorInfo, torch.nn.Parameter]]:
+    tensors = select_tensors(model, sel.include, sel.exclude, biases=sel.include_biases, norms=sel.include_norms)
+    if not tensors:
+        raise EsaError("no tensor matches --include/--exclude (see tensor names with `esa tensors`)")
+    return tensors
+
+
+@dataclass
+class Reduced:
+    """What selection and statistics keep of one tensor's scores once its buffer is freed."""
+
+    top: Candidates
+    bottom: Candidates
+    summary: tailstats.TensorSummary | None
+    expert_mass: list[float] | None = None  # a fused expert stack's Σ|S| per expert (with ``summarize``)
+
+
+def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_unused: bool = True
+                  ) -> dict[str, Reduced]:
+    """Per scored tensor: its top-k and bottom-k candidates and, with ``summarize``, its tail-statistics summary
+    (of |S| for a signed metric). ``skip_unused``: bottom-k leaves out zero-score weights (:mod:`esa.selection`).
+
+    What each buffer costs, all on the score's device: the ranking view (|S|, a copy, for a signed metric only);
+    with ``summarize`` the two streamed moment passes of :func:`esa.tailstats.moments`, whose sum also tells
+    whether every score is finite, and whose zero count is bottom-k's unused count; the seeded sample; then two
+    threshold selections (:func:`esa.selection.threshold_select`: one comparison pass each), the largest
+    max(k, tail) scores serving both the top-k and the tail statistics. Without ``summarize``: one finiteness pass,
+    one zero count and the two selections.
+    """
+    out = {}
+    tail = max(k, MIN_TAIL_VALUES)
+    for t in scores.tensors:
+        if t.name not in scores.scores:
+            continue
+        s = scores.scores[t.name]
+        view = ranking_view(s, scores.metric)
+        flat = view.detach().reshape(-1)
+        if summarize:
+            stats = tailstats.moments(flat)
+            finite = math.isfinite(stats[0])  # a float64 sum of float32 values overflows only through inf/NaN
+            unused = stats[1]
+        else:
+            stats = None
+            finite = bool(torch.isfinite(s).all())
+            unused = None
+        if not finite:
+            raise EsaError(f"scores of {t.name} contain NaN or inf: the loss or the weights are broken "
+                           "(check the baseline, or try --dtype float32)")
+        sample = tailstats.draw_sample(flat, seed)
+        top = tensor_candidates(t.name, s, tail if summarize else k, largest=True, metric=scores.metric, view=view,
+                                sample=sample, checked=True)
+        bottom = tensor_candidates(t.name, s, k, largest=False, metric=scores.metric, skip_unused=skip_unused,
+                                   view=view, sample=sample, unused=unused, checked=True)
+        summary = None
+        if summarize:
+            summary = tailstats.summarize(view, tail, seed=seed, top=top.values, sample=sample, stats=stats)
+        out[t.name] = Reduced(top, bottom, summary, expert_mass(s) if summarize and t.is_expert_stack else None)
+    return out
+
+
+def score_and_select(session: Session, sel: SelectionConfig, windows: torch.Tensor, *, batch_size: int, seed: int,
+                     summarize: bool = False, groups: int | None = None, on_scores=None) -> tuple[Selection, dict]:
+    """Score the selected tensors in ``groups`` passes over ``windows`` (default: :func:`score_groups`), holding one
+    group's score buffers at a time,
+    keeping per tensor only its candidates and summary; ``on_scores(ScoreSet)`` sees each group's buffers first.
+
+    Returns the selection and a description of the scoring (metric, batches, groups, the metric's notes).
+    """
+    tensors = scored_tensors(session.loaded.model, sel)
+    if groups is None and sel.score_groups is None:
+        groups = planned_groups(session.loaded.model, [t for t, _ in tensors], command="profile", metric=sel.metric,
+                                seq_len=windows.shape[1], n_windows=windows.shape[0], batch_size=batch_size,
+                                hutchinson_probes=sel.hutchinson_probes, device=str(session.loaded.device))
+    split = split_groups([t for t, _ in tensors], groups or score_groups(sel))
+    reduced: dict[str, Reduced] = {}
+    described: dict = {"metric": sel.metric, "score_groups": len(split), "meta": {}}
+    for group in split:
+        scores = compute_scores(session.loaded.model, tensors, windows, sel.metric, batch_size=batch_size,
+                                hutchinson_probes=sel.hutchinson_probes, hessian_budget=sel.hessian_budget, seed=seed,
+                                group=[t.name for t in group])
+        if on_scores is not None:
+            on_scores(scores)
+        reduced.update(reduce_scores(scores, sel.topk, summarize=summarize, seed=seed,
+                                     skip_unused=not sel.bottom_k_include_unused))
+        described["n_batches"] = scores.n_batches
+        for key, value in scores.meta.items():  # act_mag lists skipped tensors per group
+            described["meta"][key] = described["meta"].get(key, []) + value if isinstance(value, list) else value
+        del scores
+    infos = [t for t, _ in tensors if t.name in reduced]
+    if not infos:
+        raise EsaError("act_mag scores Linear, Embedding, router and expert weights only, and none is selected")
+    top = merge_candidates(infos, {n: r.top for n, r in reduced.items()}, sel.topk, sel.mode, largest=True)
+    bottom = merge_candidates(infos, {n: r.bottom for n, r in reduced.items()}, sel.topk, sel.mode, largest=False)
+    summaries = {n: r.summary for n, r in reduced.items()} if summarize else {}
+    masses = {n: r.expert_mass for n, r in reduced.items() if r.expert_mass is not None}
+    return Selection(infos, top, bottom, summaries, masses), described
+
+
+def seeded_selections(session: Session, sel: SelectionConfig, seeds: list[int], fraction: float, *,
+                      batch_size: int) -> dict[int, tuple[Selection, Windows]]:
+    """Per seed, the selection made on a seeded subset of round(fraction · n) evaluation windows, and the subset."""
+    n = session.windows.n
+    size = stability_subset_size(n, fraction)
+    out = {}
+    for s in seeds:
+        subset = session.windows.subset(seeded_subset(n, size, s))
+        chosen, _ = score_and_select(session, sel, subset.input_ids, batch_size=batch_size, seed=s)
+        out[s] = (chosen, subset)
+    return out
+
+
+def open_for_selection(config_model: ModelConfig, data, sel: SelectionConfig) -> Session:
+    """The session ``sel`` scores on: eager attention when its metric needs double backward (none of the
+    arguments is changed; the run records the resolved values, see :func:`resolved_for`)."""
+    return open_session(resolve_attention(config_model, [sel.metric]), data)
+
+
+def resolved_for(config, session: Session):
+    """``config`` as it ran on ``session``: attention and sequence length resolved (for config.json)."""
+    return replace(config, model=resolve_attention(config.model, [config.selection.metric]),
+                   data=resolve_seq_len(config.data, session.loaded.max_positions))
