@@ -40,46 +40,37 @@ from esa.errors import EsaError
 from esa.runio import MANIFEST, read_csv_rows, read_json, read_jsonl
 
 # ----------------------------------------------------------------------------------------------- options
-MODEL_OPTIONS = {"model": None, "dtype": "auto", "device": "auto", "revision": None, "trust_remote_code": False,
-                 "attn_implementation": None}
+MODEL_OPTIONS = {"model": None, "dtype": "auto", "device": "auto", "device_map": None, "max_memory": None,
+                 "revision": None, "trust_remote_code": False, "attn_implementation": None}
 DATA_OPTIONS = {"dataset": "embedded", "dataset_path": None, "text_file": None, "seq_len": None, "max_samples": None,
-                "batch_size": 8, "seed": 0}
+                "batch_size": None, "seed": 0}
 SELECTION_OPTIONS = {"metric": "grad_x_weight", "mode": "per_layer", "topk": 100, "include": None, "exclude": None,
                      "include_biases": False, "include_norms": False, "hutchinson_probes": 8, "hessian_budget": 4096,
                      "bottom_k_include_unused": False, "score_groups": None}
+PERTURBATION_OPTIONS = {"perturb": "zero", "perturb_scale": 1.0, "perturb_prob": 1.0, "bits": "any",
+                        "controls": "random_k,bottom_k", "stratified": True, "control_sets": 39, "n_bootstrap": 10_000}
 STABILITY_OPTIONS = {"seeds": "0,1,2", "stability_check": False, "stability_fraction": 0.5}
 OUTPUT_OPTIONS = {"out_dir": None, "overwrite": False}
+#: ``esa run`` (and ``esa plan``): every option of the phases it runs (cli/options.py's RUN group).
+RUN_OPTIONS = {**MODEL_OPTIONS, **DATA_OPTIONS, "dataset": "auto", **SELECTION_OPTIONS, **PERTURBATION_OPTIONS,
+               "perturb": None, **STABILITY_OPTIONS, "save_scores": False, "save_plots": False, **OUTPUT_OPTIONS}
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "baseline": {**MODEL_OPTIONS, **DATA_OPTIONS, **OUTPUT_OPTIONS},
     "profile": {**MODEL_OPTIONS, **DATA_OPTIONS, **SELECTION_OPTIONS, **STABILITY_OPTIONS, "save_scores": False,
                 "save_plots": False, **OUTPUT_OPTIONS},
-    "perturb": {**MODEL_OPTIONS, **DATA_OPTIONS, **SELECTION_OPTIONS, "perturb": "zero", "perturb_scale": 1.0,
-                "perturb_prob": 1.0, "bits": "any", "controls": "random_k,bottom_k", "from_profile": None,
-                "weights": None, "stratified": True, "control_sets": 39, "n_bootstrap": 10_000, **STABILITY_OPTIONS,
-                "save_plots": False, **OUTPUT_OPTIONS},
+    "perturb": {**MODEL_OPTIONS, **DATA_OPTIONS, **SELECTION_OPTIONS, **PERTURBATION_OPTIONS, "from_profile": None,
+                "weights": None, **STABILITY_OPTIONS, "save_plots": False, **OUTPUT_OPTIONS},
     "superweights": {**MODEL_OPTIONS, **DATA_OPTIONS, "prompt": "Apple Inc. is a worldwide tech company.",
                      "threshold": 50.0, "relative_threshold": 10.0, "iterate": False, "max_iterations": 10,
                      "from_profile": None, "mediation": False, **OUTPUT_OPTIONS},
     "validate": {**MODEL_OPTIONS, **DATA_OPTIONS, "metrics": "", "sample": 2000, "topk": 20, "perturb": "zero",
                  "n_bootstrap": 1000, "include": None, "exclude": None, "include_biases": False,
                  "include_norms": False, "hutchinson_probes": 8, "hessian_budget": 4096, **OUTPUT_OPTIONS},
-    "run": {"model": None, "metric": "grad_x_weight", "mode": "per_layer", "topk": 100, "max_samples": None,
-            "batch_size": 8, "device": "auto", "save_plots": False, "out_dir": None, "perturb": None,
-            "perturb_scale": 1.0, "perturb_prob": 1.0, "controls": "random_k,bottom_k", "seeds": "0,1,2",
-            "stability_check": False, "bits": "any", "hutchinson_probes": 8, "include": None, "exclude": None,
-            "dtype": "auto", "dataset": "auto", "dataset_path": None, "text_file": None, "seq_len": None, "seed": 0,
-            "overwrite": False},
+    "run": RUN_OPTIONS,
     "report": {"run_dirs": None, "out": None, "overwrite": False},
     "compare": {"run_dirs": None, "out": None},
-    "plan": {"model": None, "dtype": "auto", "revision": None, "trust_remote_code": False, "command": "run",
-             "seq_len": None, "max_samples": None, "batch_size": None, "metric": "grad_x_weight", "include": None,
-             "exclude": None, "include_biases": False, "include_norms": False, "hutchinson_probes": 8,
-             "score_groups": None, "perturb": None, "controls": "random_k,bottom_k", "control_sets": 39,
-             "seeds": "0,1,2", "stability_check": False, "stability_fraction": 0.5, "device_memory": None,
-             # accepted, as on the command line, so that another command's options can be planned as they are
-             "mode": "per_layer", "topk": 100, "device": "auto", "save_plots": False, "out_dir": None,
-             "perturb_scale": 1.0, "perturb_prob": 1.0},
+    "plan": {"command": "run", "device_memory": None, **RUN_OPTIONS},
 }
 # Options of a function that the command line does not have.
 EXTRA_OPTIONS: dict[str, dict[str, Any]] = {
@@ -133,8 +124,12 @@ def _path(value: Any) -> str | None:
 
 
 def model_config(o: dict[str, Any]) -> ModelConfig:
+    max_memory = o.get("max_memory")
+    if isinstance(max_memory, (list, tuple)):  # as --max-memory repeated: one comma-separated string
+        max_memory = ",".join(map(str, max_memory))
     return ModelConfig(model=_path(o["model"]), dtype=o["dtype"], device=o["device"], revision=o["revision"],
-                       trust_remote_code=o["trust_remote_code"], attn_implementation=o["attn_implementation"])
+                       trust_remote_code=o["trust_remote_code"], attn_implementation=o["attn_implementation"],
+                       device_map=_path(o.get("device_map")), max_memory=max_memory)
 
 
 def data_config(o: dict[str, Any]) -> DataConfig:
@@ -459,13 +454,14 @@ def run(**kwargs: Any) -> RunbookResult:
     o = options("run", kwargs)
     with _run_dir(o["out_dir"]) as (where, shown):
         dataset = resolve_dataset(o["dataset"], o["model"], _path(o["text_file"]))
-        o = {**o, "dataset": dataset, "revision": None, "trust_remote_code": False, "attn_implementation": None}
+        o = {**o, "dataset": dataset}
         config = RunbookConfig(
-            model=model_config(o), data=data_config(o),
-            selection=selection_config(o, include_biases=False, include_norms=False, hessian_budget=4096),
+            model=model_config(o), data=data_config(o), selection=selection_config(o),
             perturb=o["perturb"], perturb_scale=o["perturb_scale"], perturb_prob=o["perturb_prob"], bits=o["bits"],
-            controls=_controls(o["controls"]), seeds=_seeds(o["seeds"]), stability_check=o["stability_check"],
-            save_plots=o["save_plots"], out_dir=str(where), overwrite=o["overwrite"])
+            controls=_controls(o["controls"]), random_stratified=o["stratified"], control_sets=o["control_sets"],
+            n_bootstrap=o["n_bootstrap"], seeds=_seeds(o["seeds"]), stability_check=o["stability_check"],
+            stability_fraction=o["stability_fraction"], save_scores=o["save_scores"], save_plots=o["save_plots"],
+            out_dir=str(where), overwrite=o["overwrite"])
         run_runbook(config, announce=lambda line: None)
         sub = (lambda name: None) if shown is None else (lambda name: shown / name)
         return RunbookResult(
@@ -489,7 +485,7 @@ def plan(**kwargs: Any) -> PlanResult:
         memory = str(torch.cuda.get_device_properties(0).total_memory)
     controls = _controls(o["controls"])
     result, _, _ = plan_command(
-        model_config({**MODEL_OPTIONS, **o, "device": "cuda", "attn_implementation": None}),
+        model_config({**o, "device": "cuda", "attn_implementation": None}),
         selection_config(o), command=o["command"], seq_len=o["seq_len"], max_samples=o["max_samples"],
         batch_size=o["batch_size"], perturb=o["perturb"] is not None, bottom_k="bottom_k" in controls,
         control_sets=o["control_sets"] if "random_k" in controls else 0, seeds=len(_seeds(o["seeds"])),

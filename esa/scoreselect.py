@@ -22,8 +22,8 @@ from esa.errors import EsaError
 from esa.experts import expert_mass
 from esa.plan import planned_groups
 from esa.scoregroups import score_groups, split_groups
-from esa.scoring import ScoreSet, check_metric, compute_scores, ranking_view
-from esa.selection import MODES, Candidates, WeightSet, merge_candidates, tensor_candidates
+from esa.scoring import ScoreSet, compute_scores, ranking_view
+from esa.selection import Candidates, WeightSet, merge_candidates, tensor_candidates
 from esa.session import Session, open_session
 from esa.tensors import TensorInfo, select_tensors
 from esa.windows import Windows, seeded_subset, stability_subset_size
@@ -40,18 +40,6 @@ class Selection:
     bottom: WeightSet
     summaries: dict[str, tailstats.TensorSummary] = field(default_factory=dict)
     expert_mass: dict[str, list[float]] = field(default_factory=dict)  # per fused expert stack: Σ|S| per expert
-
-
-def validate_selection(sel: SelectionConfig) -> None:
-    check_metric(sel.metric)
-    if sel.mode not in MODES:
-        raise EsaError(f"unknown --mode {sel.mode!r}; use per_layer or global")
-    if sel.topk < 1:
-        raise EsaError(f"--topk must be at least 1 (got {sel.topk})")
-    if sel.hutchinson_probes < 1:
-        raise EsaError(f"--hutchinson-probes must be at least 1 (got {sel.hutchinson_probes})")
-    if sel.score_groups is not None and sel.score_groups < 1:
-        raise EsaError(f"--score-groups must be at least 1 (got {sel.score_groups})")
 
 
 def scored_tensors(model: torch.nn.Module, sel: SelectionConfig) -> list[tuple[TensorInfo, torch.nn.Parameter]]:
