@@ -196,10 +196,12 @@ def test_resolution_returns_a_new_configuration_and_leaves_the_callers():
     from esa.runbook import resolve
 
     model, data = ModelConfig(device="cpu"), DataConfig(max_samples=2, batch_size=2)
-    session = open_for_selection(model, data, SelectionConfig(metric="hutchinson_diag"))
+    # hessian_diag's double backward needs eager attention (hutchinson_diag/obd run forward-over-reverse on SDPA)
+    session = open_for_selection(model, data, SelectionConfig(metric="hessian_diag"))
     assert model.attn_implementation is None and data.seq_len is None
     assert session.loaded.describe()["attn_implementation"] == "eager"
-    assert resolve_attention(model, ["hutchinson_diag"]) == replace(model, attn_implementation="eager")
+    assert resolve_attention(model, ["hessian_diag"]) == replace(model, attn_implementation="eager")
+    assert resolve_attention(model, ["hutchinson_diag"]) is model
     assert resolve_attention(model, ["magnitude"]) is model
     cfg = RunbookConfig(selection=SelectionConfig(metric="obd"))
     resolved = resolve(cfg)
