@@ -16,6 +16,10 @@ from typing import Any
 from esa.errors import EsaError
 
 HESSIAN_BUDGET = 4096  # most weights hessian_diag scores exactly (one Hessian-vector product each)
+#: The sensitivity metrics (formulas: esa.scoring) and the selection modes, named here so that a configuration can be
+#: checked without importing the code that computes them.
+METRICS = ("grad_x_weight", "grad_squared", "hessian_diag", "hutchinson_diag", "magnitude", "act_mag", "taylor", "obd")
+MODES = ("per_layer", "global")
 SEEDS = (0, 1, 2)  # seeds of the perturbation trials and of the stability check
 CONTROLS = ("random_k", "bottom_k")  # the control sets perturb knows, all run by default
 STABILITY_FRACTION = 0.5  # share of the windows each stability seed scores on
@@ -197,9 +201,6 @@ def validate_data(data: DataConfig) -> None:
 
 def validate_selection(sel: SelectionConfig) -> None:
     """Metric, mode, k, probes, budget and groups (the tensor globs need the model: see esa.profile)."""
-    from esa.scoring import check_metric
-    from esa.selection import MODES
-
     check_metric(sel.metric)
     if sel.mode not in MODES:
         raise EsaError(f"unknown --mode {sel.mode!r}; use per_layer or global")
@@ -228,9 +229,14 @@ def validate_seeds(seeds: list[int], *, stability_check: bool, stability_fractio
 
 def validate_perturbation(kind: str, scale: float, prob: float, bits: str) -> None:
     """The perturbation's kind, scale and probability (the bits also need the weights' dtype: esa.perturbation)."""
-    from esa.perturbation import PerturbSpec, validate_spec
+    from esa.kernels import KINDS
 
-    validate_spec(PerturbSpec(kind, scale, prob, bits))
+    if kind not in KINDS:
+        raise EsaError(f"unknown --perturb {kind!r}; use one of {', '.join(KINDS)}")
+    if kind == "bit_flip" and not 0.0 < prob <= 1.0:
+        raise EsaError(f"--perturb-prob must be in (0, 1] (got {prob})")
+    if kind == "gauss_noise" and scale <= 0:
+        raise EsaError(f"--perturb-scale must be positive for gauss_noise (got {scale})")
 
 
 def validate_controls(controls: list[str], control_sets: int, n_bootstrap: int) -> None:
@@ -281,7 +287,6 @@ def validate(config: Any) -> None:
         if config.max_iterations < 1:
             raise EsaError("--max-iterations must be at least 1")
     elif isinstance(config, ValidateConfig):
-        from esa.scoring import check_metric
 
         validate_data(config.data)
         for m in config.metrics:
@@ -306,7 +311,6 @@ def validate(config: Any) -> None:
 def resolve_attention(model: ModelConfig, metrics: list[str] | tuple[str, ...]) -> ModelConfig:
     """``model`` with eager attention when any of ``metrics`` needs double backward and no attention
     implementation was asked for (the fused kernels have no second derivative); else ``model`` itself."""
-    from esa.scoring import needs_double_backward
 
     if model.attn_implementation or not any(needs_double_backward(m) for m in metrics):
         return model
@@ -337,3 +341,13 @@ def to_dict(config: Any) -> dict:
         return v
 
     return clean(asdict(config))
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise EsaError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
+
+
+def needs_double_backward(metric: str) -> bool:
+    """Only the exact ``hessian_diag`` differentiates through a gradient's graph (with eager attention)."""
+    return metric == "hessian_diag"

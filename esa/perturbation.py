@@ -19,9 +19,10 @@ from typing import Iterator
 
 import torch
 
+from esa.config import validate_perturbation
 from esa.errors import EsaError
 from esa.fingerprint import tensor_fingerprint
-from esa.kernels import KINDS, apply_perturbation_, bit_flip_masks, gaussian_noise, restore_, stream_id
+from esa.kernels import apply_perturbation_, bit_flip_masks, gaussian_noise, restore_, stream_id
 from esa.kernels.perturb import BIT_CLASSES, eligible_bits
 from esa.selection import WeightSet
 
@@ -43,18 +44,13 @@ class PerturbSpec:
 
 
 def validate_spec(spec: PerturbSpec, dtype: torch.dtype | None = None) -> None:
-    if spec.kind not in KINDS:
-        raise EsaError(f"unknown --perturb {spec.kind!r}; use one of {', '.join(KINDS)}")
-    if spec.kind == "bit_flip":
-        if not 0.0 < spec.prob <= 1.0:
-            raise EsaError(f"--perturb-prob must be in (0, 1] (got {spec.prob})")
-        if dtype is not None:
-            try:
-                eligible_bits(dtype, spec.bit_positions())
-            except ValueError as e:
-                raise EsaError(f"--bits: {e}") from None
-    if spec.kind == "gauss_noise" and spec.scale <= 0:
-        raise EsaError(f"--perturb-scale must be positive for gauss_noise (got {spec.scale})")
+    """The configuration's checks (:func:`esa.config.validate_perturbation`), and with ``dtype`` the bits."""
+    validate_perturbation(spec.kind, spec.scale, spec.prob, spec.bits)
+    if spec.kind == "bit_flip" and dtype is not None:
+        try:
+            eligible_bits(dtype, spec.bit_positions())
+        except ValueError as e:
+            raise EsaError(f"--bits: {e}") from None
 
 
 @dataclass

@@ -65,6 +65,7 @@ import torch
 
 from esa import distributed
 from esa.config import HESSIAN_BUDGET as DEFAULT_HESSIAN_BUDGET  # declared once, in esa.config
+from esa.config import METRICS, check_metric, needs_double_backward  # noqa: F401 - re-exported
 from esa.errors import EsaError
 from esa.evaluate import mean_loss, model_device
 from esa.experts import call_arguments, is_fused_experts, routed_inputs
@@ -76,7 +77,6 @@ from esa.progress import progress_bar
 from esa.seeding import seed_for
 from esa.tensors import TensorInfo
 
-METRICS = ("grad_x_weight", "grad_squared", "hessian_diag", "hutchinson_diag", "magnitude", "act_mag", "taylor", "obd")
 FIRST_ORDER = ("grad_x_weight", "grad_squared")
 SECOND_ORDER = ("hessian_diag", "hutchinson_diag")
 #: Metrics whose scores carry a sign (an estimated loss change); they are ranked by absolute value.
@@ -98,11 +98,6 @@ def needs_data(metric: str) -> bool:
     return metric != "magnitude"
 
 
-def needs_double_backward(metric: str) -> bool:
-    """Only the exact ``hessian_diag`` differentiates through a gradient's graph (with eager attention)."""
-    return metric == "hessian_diag"
-
-
 def uses_hvp(metric: str) -> bool:
     """The Hutchinson metrics: Hessian-vector products by forward-over-reverse (:mod:`esa.hvp`)."""
     return metric in ("hutchinson_diag", "obd")
@@ -115,11 +110,6 @@ def is_signed(metric: str) -> bool:
 def ranking_view(score: torch.Tensor, metric: str) -> torch.Tensor:
     """What selection and tail statistics rank: |S| for a signed metric (a new fp32 tensor), S itself otherwise."""
     return score.abs() if is_signed(metric) else score
-
-
-def check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise EsaError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
 
 
 @contextlib.contextmanager

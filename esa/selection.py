@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from esa.config import MODES  # noqa: F401 - re-exported
 from esa.errors import EsaError
 from esa.kernels import merge_topk, topk
 from esa.scoring import ScoreSet, is_signed, ranking_view
 from esa.seeding import stream_seed
 from esa.tensors import TensorInfo
 
-MODES = ("per_layer", "global")
 MAX_GLOBAL_K = 1 << 30  # the running merge sorts up to 2k candidates: at most 2^31
 
 
