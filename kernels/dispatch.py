@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -79,23 +80,21 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@triton.jit
-def _probe_kernel(x):  # never launched: decorated here, like every kernel module's, to see Triton's choice
-    pass
-
-
 def triton_interpret() -> bool:
     """Whether esa's Triton kernels run in Triton's CPU interpreter.
 
     Triton makes that choice when a kernel is decorated, from ``TRITON_INTERPRET`` at that moment; so this looks at
-    a kernel decorated when this module was imported (the kernel modules import it first, so they decorate theirs
-    under the same setting) rather than at the current environment.
+    a decorated kernel (the accumulation kernel, looked up in ``sys.modules`` rather than imported: that module
+    imports this one) rather than at the current environment, which it reads only before any kernel exists.
     """
     if not HAS_TRITON:
         return False
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_probe_kernel, InterpretedFunction)
+    accumulate = sys.modules.get("esa.kernels.accumulate")
+    if accumulate is None:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return isinstance(accumulate._accumulate_kernel, InterpretedFunction)
 
 
 def requested_backend() -> str:
