@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from esa.config import (BaselineConfig, DataConfig, ModelConfig, PerturbConfig, ProfileConfig, SelectionConfig,
-                        SuperweightsConfig, ValidateConfig)
+                        SuperweightsConfig, ValidateConfig, needs_double_backward)
 from esa.errors import EsaError
 from esa.runio import MANIFEST, read_csv_rows, read_json, read_jsonl
 
@@ -330,12 +330,6 @@ def _session(command: str, o: dict[str, Any], data: DataConfig, *, eager: bool =
             p.requires_grad_(flags[n])
 
 
-def _needs_double_backward(metric: str) -> bool:
-    from esa.scoring import needs_double_backward
-
-    return needs_double_backward(metric)
-
-
 # ----------------------------------------------------------------------------------------------- commands
 def baseline(**kwargs: Any) -> BaselineResult:
     """``esa baseline``: perplexity, loss and next-token accuracy (see :mod:`esa.baseline`)."""
@@ -358,7 +352,7 @@ def profile(**kwargs: Any) -> ProfileResult:
     o = options("profile", kwargs)
     data = data_config(o)
     with _run_dir(o["out_dir"]) as (where, shown), \
-            _session("profile", o, data, eager=_needs_double_backward(o["metric"])) as session:
+            _session("profile", o, data, eager=needs_double_backward(o["metric"])) as session:
         config = ProfileConfig(model=model_config(o) if session is None else _memory_model(session), data=data,
                                selection=selection_config(o), seeds=_seeds(o["seeds"]),
                                stability_check=o["stability_check"], stability_fraction=o["stability_fraction"],
@@ -375,7 +369,7 @@ def perturb(**kwargs: Any) -> PerturbResult:
     o = options("perturb", kwargs)
     data = data_config(o)
     with _run_dir(o["out_dir"]) as (where, shown), \
-            _session("perturb", o, data, eager=_needs_double_backward(o["metric"])) as session:
+            _session("perturb", o, data, eager=needs_double_backward(o["metric"])) as session:
         config = PerturbConfig(
             model=model_config(o) if session is None else _memory_model(session), data=data,
             selection=selection_config(o),
@@ -412,7 +406,7 @@ def validate(**kwargs: Any) -> ValidateResult:
     o = options("validate", kwargs)
     data = data_config(o)
     metrics = _text_list(o["metrics"], "metrics")
-    second_order = any(_needs_double_backward(m) for m in (metrics or ["hutchinson_diag"]))
+    second_order = any(needs_double_backward(m) for m in (metrics or ["hutchinson_diag"]))
     with _run_dir(o["out_dir"]) as (where, shown), \
             _session("validate", o, data, eager=second_order) as session:
         config = ValidateConfig(
