@@ -143,7 +143,10 @@ def run_runbook(cfg: RunbookConfig, *, announce: Callable[[str], None] = print,
             finished(name, results[name])
     report_dir = Path(cfg.out_dir) / "report"
     announce(f"report: writing {report_dir}")
-    # The runbook's report is derived from its phases, so it is always redrawn from them.
-    results["report"] = write_report([Path(c.out_dir) for c in configs.values()], report_dir, overwrite=True)
-    distributed.barrier()  # under torchrun: rank 0 has written the report before any rank reads it
+    # The runbook's report is derived from its phases, so it is always redrawn from them. Under torchrun rank 0
+    # alone draws it: the HTML embeds the figures read back from disk, which only rank 0 writes. The broadcast
+    # hands its summary to every rank once the report is complete.
+    summary = write_report([Path(c.out_dir) for c in configs.values()], report_dir, overwrite=True) \
+        if distributed.is_main() else None
+    results["report"] = distributed.broadcast(summary)
     return results

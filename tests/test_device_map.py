@@ -10,6 +10,8 @@ config.json aside, which record the device map).
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from esa.perturbation import PerturbSpec, perturbed
 from esa.scoring import compute_scores
 from esa.selection import WeightSet, merge_candidates, tensor_candidates
 from esa.tensors import TensorInfo, select_tensors
-from helpers import SHARED, random_model, save_random_model
+from helpers import REPO, SHARED, random_model, save_random_model
 
 runner = CliRunner()
 FAST = ["--seq-len", "32", "--max-samples", "6", "--batch-size", "3"]
@@ -351,13 +353,23 @@ MIXTRAL = SHARED / "models" / "configs" / "mixtral-8x7b"
 
 @pytest.mark.skipif(not (MIXTRAL / "config.json").exists(), reason="../shared/models/configs absent")
 def test_plan_per_device_for_mixtral_on_two_gpus(tmp_path):
-    base = ["plan", "--model", MIXTRAL, "--command", "profile", "--max-samples", "64", "--seq-len", "2048"]
-    result = run(*base, "--device-map", "auto", "--max-memory", "0=75GiB,1=75GiB", "--json")
+    """docs/RUNBOOK.md's own ``esa plan`` line for Mixtral-8x7B on 2×80 GB GPUs fits, and the per-GPU peaks and
+    score groups it prints are those the RUNBOOK and the README state; offloading and a one-GPU map are refused."""
+    line = next(l for l in (REPO / "docs" / "RUNBOOK.md").read_text().splitlines()
+                if l.startswith("esa plan ") and "--device-map" in l)
+    result = run(*[MIXTRAL if a == "$M" else a for a in shlex.split(line)[1:]], "--json")
     assert result.exit_code == 0, result.output
     split = json.loads(result.output)["device_map"]
     assert split["fits"] and split["reason"] is None
-    assert any(l.strip().startswith("cuda:0 ") for l in split["lines"])
-    assert any(l.strip().startswith("cuda:1 ") for l in split["lines"])
+    printed = "\n".join(split["lines"])
+    peaks = dict(re.findall(r"(cuda:\d) +weights .*?peak ≈ ([\d.]+) GiB", printed))
+    assert set(peaks) == {"cuda:0", "cuda:1"}, printed
+    groups = re.search(r"score groups (\d+)", printed).group(1)
+    stated = f"a peak of {float(peaks['cuda:0']):.1f} GiB on GPU 0 and {float(peaks['cuda:1']):.1f} GiB on GPU 1"
+    for doc in ("README.md", "docs/RUNBOOK.md"):
+        text = " ".join((REPO / doc).read_text().split())
+        assert stated in text and f"{groups} score groups" in text, (doc, stated, groups)
+    base = ["plan", "--model", MIXTRAL, "--command", "profile", "--max-samples", "64", "--seq-len", "2048"]
     # one GPU with the rest offloaded to CPU: the gradient metric refuses offloaded weights
     result = run(*base, "--device-map", "auto", "--max-memory", "0=75GiB,cpu=200GiB", "--device-memory", "80GB")
     assert result.exit_code == 1 and "offloads weights to cpu" in result.output

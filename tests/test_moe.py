@@ -19,7 +19,7 @@ from esa.perturbation import PerturbSpec, perturbed
 from esa.scoring import METRICS, compute_scores
 from esa.selection import WeightSet
 from esa.tensors import TensorInfo, describe_parameters, select_tensors
-from helpers import save_model
+from helpers import SHARED, save_model
 
 EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 4, 2, 64, 128
 FAST = ["--seq-len", "32", "--max-samples", "4", "--batch-size", "4"]
@@ -42,6 +42,25 @@ def tiny_mixtral(vocab_size: int = 512, *, seed: int = 0, dtype: torch.dtype = t
         config._experts_implementation = "eager"
     torch.manual_seed(seed)
     return MixtralForCausalLM(config).to(dtype).eval()
+
+
+MIXTRAL_8X7B = SHARED / "models" / "configs" / "mixtral-8x7b"
+SIZES = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "num_local_experts", "max_position_embeddings"}
+
+
+@pytest.mark.skipif(not (MIXTRAL_8X7B / "config.json").exists(), reason="../shared/models/configs absent")
+def test_the_tiny_mixtral_is_mixtral_8x7b_scaled_down():
+    """Every setting of Mixtral-8x7B's configuration but its sizes is the tiny model's (routing top-2, SiLU, RoPE
+    base, RMSNorm eps, untied head, no sliding window), and it keeps 4 query heads per key/value head."""
+    from transformers import AutoConfig
+
+    real = AutoConfig.from_pretrained(MIXTRAL_8X7B)
+    tiny = tiny_mixtral().config
+    a, b = real.to_dict(), tiny.to_dict()
+    differ = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    assert differ <= SIZES | {"_name_or_path", "architectures", "dtype"}, {k: (a.get(k), b.get(k)) for k in differ}
+    assert real.num_attention_heads // real.num_key_value_heads == tiny.num_attention_heads // tiny.num_key_value_heads
 
 
 def rows(path):
@@ -90,7 +109,7 @@ def _reference_act_mag(model, windows: torch.Tensor) -> dict[str, torch.Tensor]:
             mlp = model.model.layers[layer].mlp
             prefix = f"model.layers.{layer}.mlp."
             router = mlp.gate.weight.double()
-            gate_up, down = mlp.experts.gate_up_proj.double(), mlp.experts.down_proj.double()
+            gate_up = mlp.experts.gate_up_proj.double()
             acc_r = sumsq.setdefault(prefix + "gate.weight", torch.zeros(HIDDEN, dtype=torch.float64))
             acc_in = sumsq.setdefault(prefix + "experts.gate_up_proj", torch.zeros(EXPERTS, HIDDEN, dtype=torch.float64))
             acc_mid = sumsq.setdefault(prefix + "experts.down_proj",

@@ -88,7 +88,7 @@ def _plan_json(argv):
 def test_the_nine_runbook_commands_on_llama_3_1_8b_80gb():
     commands = _runbook_argv()
     assert len(commands) == 9
-    outcomes = []
+    outcomes, plans = [], []
     for argv in commands:
         argv = [str(LLAMA) if a == "$M" else a for a in argv]
         code, p = _plan_json([*argv, "--dtype", "bfloat16", "--seq-len", "2048", "--device-memory", "80GB"])
@@ -99,9 +99,18 @@ def test_the_nine_runbook_commands_on_llama_3_1_8b_80gb():
         assert p["peak_bytes"] == max(ph["peak_bytes"] for ph in p["phases"])
         assert code == (0 if p["fits"] else 1)
         outcomes.append((argv[argv.index("--metric") + 1], p["fits"], p["reason"]))
+        plans.append(p)
     # All nine fit, command 4 (hutchinson_diag) included: forward-over-reverse sweeps one layer at a time.
     assert [fits for _, fits, _ in outcomes] == [True] * 9, outcomes
     assert [metric for metric, _, _ in outcomes].count("hutchinson_diag") == 1
+    # Under torchrun every rank holds the whole model: the README and the RUNBOOK quote command 6's plan per GPU.
+    assert commands[5][commands[5].index("--perturb") + 1] == "zero"
+    evaluation = max(ph["peak_bytes"] for ph in plans[5]["phases"] if ph["name"] != "score")
+    for doc in ("README.md", "docs/RUNBOOK.md"):
+        text = " ".join((REPO / doc).read_text().split())
+        assert f"a peak of {plans[5]['peak_bytes'] / GiB:.1f} GiB per GPU" in text, doc
+        assert f"{evaluation / GiB:.1f} GiB in baseline and trials" in text or \
+            f"baseline and trials {evaluation / GiB:.1f} GiB" in text, doc
 
 
 @needs_configs
