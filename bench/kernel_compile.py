@@ -144,7 +144,8 @@ def drive_launchers() -> None:
     from esa.kernels.floatbits import FLOAT_DTYPES, INPUT_DTYPES, int_view_dtype
 
     # By module (esa.kernels re-exports a function named topk that hides the submodule of that name).
-    accumulate, perturb, topk = (importlib.import_module(f"esa.kernels.{m}") for m in ("accumulate", "perturb", "topk"))
+    accumulate, moments, perturb, topk = (importlib.import_module(f"esa.kernels.{m}")
+                                          for m in ("accumulate", "moments", "perturb", "topk"))
 
     g = torch.Generator().manual_seed(0)
     for shape in ((64, 48), (5, 7)):  # model-like (sizes divisible by 16), then odd
@@ -164,6 +165,7 @@ def drive_launchers() -> None:
         for largest in (True, False):
             for score in (continuous, ties):
                 topk.topk_triton(score, 10, largest)
+        moments.power_sums_triton(continuous, 0.5)  # the statistics' one read of a score buffer
     weight_shape = (64, 48)
     for k in (100, 16, 1):  # --topk 100 (the default), an aligned count, a single weight
         _tag[0] = "main" if k == 100 else "alternate"

@@ -4,10 +4,12 @@
                                                    # 1.3B float32 parameters (about 16 GB of host memory)
     python -m bench.selection_vs_scoring --hidden 256 --intermediate 688 --vocab 8000   # a quick run
 
-Times, on one 128-token window: the score phase (:func:`esa.scoring.compute_scores`), then selection and
-statistics from the score buffers (:func:`esa.scoreselect.reduce_scores` — one top selection serving top-k and the
-tail, one bottom selection, the streamed moments and sample — plus the per-layer merge and
-:func:`esa.profile.score_statistics`). Target: at most 25% of the scoring time on CPU, 5% on a GPU.
+Times, on one 128-token window, after one untimed warm-up of both (Triton compiles its kernels and CUDA loads its
+modules on first use; ``--no-warmup`` times the first call): the score phase (:func:`esa.scoring.compute_scores`), then selection and
+statistics from the score buffers (:func:`esa.scoreselect.reduce_scores` — per buffer one read
+(:func:`esa.scorescan.scan`: block extrema, zeros, float64 power sums) and two selections among the best blocks —
+plus the per-layer merge and :func:`esa.profile.score_statistics`); then the scan of every buffer on its own, with
+the bandwidth it achieves (4 bytes per score read). Target: at most 25% of the scoring time on CPU, 5% on a GPU.
 Timings taken on a shared machine are not comparable; say where a figure comes from.
 """
 
@@ -31,6 +33,7 @@ def _parse(argv):
     parser.add_argument("--topk", type=int, default=100)
     parser.add_argument("--mode", choices=("per_layer", "global"), default="per_layer")
     parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first calls")
     return parser.parse_args(argv)
 
 
@@ -40,6 +43,7 @@ def run(args) -> dict:
 
     from esa.ccdf import ccdf_curves
     from esa.profile import location_table, score_statistics
+    from esa.scorescan import scan
     from esa.scoreselect import Selection, reduce_scores
     from esa.scoring import compute_scores
     from esa.selection import merge_candidates
@@ -58,6 +62,9 @@ def run(args) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    if args.warmup:
+        reduce_scores(compute_scores(model, tensors, ids, "grad_x_weight", batch_size=1), args.topk, summarize=True,
+                      seed=0)
     t0 = now()
     scores = compute_scores(model, tensors, ids, "grad_x_weight", batch_size=1)
     t1 = now()
@@ -71,9 +78,15 @@ def run(args) -> dict:
     location_table(selection)
     ccdf_curves(selection)
     t3 = now()
+    for score in scores.scores.values():  # the one read of every buffer on its own: its achieved bandwidth
+        scan(score, shift=0.0, nonzero_min=True)
+    t4 = now()
+    n_scores = sum(score.numel() for score in scores.scores.values())
     return {"parameters": sum(p.numel() for p in model.parameters()), "device": args.device, "mode": args.mode,
             "tokens": args.windows * args.seq_len, "scoring_s": t1 - t0, "selection_s": t2 - t1,
-            "statistics_s": t3 - t2, "selection_and_statistics_s": t3 - t1, "ratio": (t3 - t1) / (t1 - t0)}
+            "statistics_s": t3 - t2, "selection_and_statistics_s": t3 - t1, "ratio": (t3 - t1) / (t1 - t0),
+            "warmup": args.warmup, "threads": torch.get_num_threads(), "scan_s": t4 - t3,
+            "scan_GB_per_s": 4 * n_scores / (t4 - t3) / 1e9}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['parameters']:,} parameters on {result['device']}, {result['tokens']} tokens, {result['mode']}: "
           f"scoring {result['scoring_s']:.2f} s, selection + statistics {result['selection_and_statistics_s']:.2f} s "
           f"(selection {result['selection_s']:.2f} s, statistics {result['statistics_s']:.2f} s): "
-          f"{result['ratio']:.0%} of scoring")
+          f"{result['ratio']:.0%} of scoring; the scan of every buffer alone {result['scan_s']:.2f} s "
+          f"({result['scan_GB_per_s']:.1f} GB/s)")
     out_dir = Path(__file__).resolve().parent / "out"
     out_dir.mkdir(exist_ok=True)
-    (out_dir / "selection_vs_scoring.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"selection_vs_scoring_{result['device'].split(':')[0]}.json").write_text(json.dumps(result, indent=1))
     return 0
 
 

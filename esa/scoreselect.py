@@ -11,7 +11,6 @@ Used by ``esa profile``, ``esa perturb`` (re-selection, stability) and ``esa val
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -21,6 +20,7 @@ from esa.config import ModelConfig, SelectionConfig, resolve_attention, resolve_
 from esa.errors import EsaError
 from esa.experts import expert_mass
 from esa.plan import planned_groups
+from esa.scorescan import scan
 from esa.scoregroups import score_groups, split_groups
 from esa.scoring import ScoreSet, compute_scores, ranking_view
 from esa.selection import Candidates, WeightSet, merge_candidates, tensor_candidates
@@ -65,11 +65,10 @@ def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_
     (of |S| for a signed metric). ``skip_unused``: bottom-k leaves out zero-score weights (:mod:`esa.selection`).
 
     What each buffer costs, all on the score's device: the ranking view (|S|, a copy, for a signed metric only);
-    with ``summarize`` the two streamed moment passes of :func:`esa.tailstats.moments`, whose sum also tells
-    whether every score is finite, and whose zero count is bottom-k's unused count; the seeded sample; then two
-    threshold selections (:func:`esa.selection.threshold_select`: one comparison pass each), the largest
-    max(k, tail) scores serving both the top-k and the tail statistics. Without ``summarize``: one finiteness pass,
-    one zero count and the two selections.
+    the seeded sample (:func:`esa.tailstats.draw_sample`); one read (:func:`esa.scorescan.scan`) that gives the
+    block extrema, the zero count, finiteness and, with ``summarize``, the float64 power sums about the sample's
+    mean; then two selections among the best k blocks (:func:`esa.scorescan.block_select`), the largest
+    max(k, tail) scores serving both the top-k and the tail statistics.
     """
     out = {}
     tail = max(k, MIN_TAIL_VALUES)
@@ -79,25 +78,17 @@ def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_
         s = scores.scores[t.name]
         view = ranking_view(s, scores.metric)
         flat = view.detach().reshape(-1)
-        if summarize:
-            stats = tailstats.moments(flat)
-            finite = math.isfinite(stats[0])  # a float64 sum of float32 values overflows only through inf/NaN
-            unused = stats[1]
-        else:
-            stats = None
-            finite = bool(torch.isfinite(s).all())
-            unused = None
-        if not finite:
-            raise EsaError(f"scores of {t.name} contain NaN or inf: the loss or the weights are broken "
-                           "(check the baseline, or try --dtype float32)")
         sample = tailstats.draw_sample(flat, seed)
+        shift = float(sample.double().mean()) if summarize else None
+        scanned = scan(flat, shift=shift, nonzero_min=skip_unused)
         top = tensor_candidates(t.name, s, tail if summarize else k, largest=True, metric=scores.metric, view=view,
-                                sample=sample, checked=True)
+                                scanned=scanned)
         bottom = tensor_candidates(t.name, s, k, largest=False, metric=scores.metric, skip_unused=skip_unused,
-                                   view=view, sample=sample, unused=unused, checked=True)
+                                   view=view, scanned=scanned)
         summary = None
         if summarize:
-            summary = tailstats.summarize(view, tail, seed=seed, top=top.values, sample=sample, stats=stats)
+            summary = tailstats.summarize(view, tail, seed=seed, top=top.values, sample=sample,
+                                          stats=tailstats.scan_moments(scanned))
         out[t.name] = Reduced(top, bottom, summary, expert_mass(s) if summarize and t.is_expert_stack else None)
     return out
 

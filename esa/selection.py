@@ -5,10 +5,10 @@ broken by the tensor's position in the model (earlier first), then by flat index
 exact without concatenating all scores: the k best of the union are among the k best of each tensor under the same
 total order, so merging per-tensor candidates suffices (:func:`esa.kernels.merge_topk`). The merge runs tensor by
 tensor, keeping only the best k so far, so it holds and sorts at most 2k candidates (k ≤ 2^30) whatever the number
-of tensors. Per-tensor selection first tries :func:`threshold_select` (one comparison pass against a threshold read
-off a sample, then an exact selection among the few thousand elements that pass; exact by construction, and it
-gives up rather than guess), else streams the buffer through :func:`esa.kernels.topk`, which never sorts more
-than 2^31 elements at once. Signed metrics (``taylor``, ``obd``) are ranked by |S|, one tensor's |S| at a time,
+of tensors. Per-tensor selection reads the buffer once (:func:`esa.scorescan.scan`: the largest and smallest value
+of each block of 256 elements) and then selects exactly among the elements of the best k blocks
+(:func:`esa.scorescan.block_select`); a buffer of few blocks goes through :func:`esa.kernels.topk`, which never
+sorts more than 2^31 elements at once. Signed metrics (``taylor``, ``obd``) are ranked by |S|, one tensor's |S| at a time,
 and the selected weights keep their signed score.
 
 Unused weights and bottom-k: a weight whose score is exactly zero (its gradient is zero on every window, e.g. the
@@ -23,7 +23,6 @@ stratified to the top-k set's per-tensor counts, so the control differs in *whic
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -33,6 +32,7 @@ import torch
 from esa.config import MODES  # noqa: F401 - re-exported
 from esa.errors import EsaError
 from esa.kernels import merge_topk, topk
+from esa.scorescan import Scan, block_select, scan
 from esa.scoring import ScoreSet, is_signed, ranking_view
 from esa.seeding import stream_seed
 from esa.tensors import TensorInfo
@@ -89,29 +89,31 @@ class Candidates:
 
 
 def tensor_candidates(name: str, score: torch.Tensor, k: int, *, largest: bool = True, metric: str = "",
-                      skip_unused: bool = False, view: torch.Tensor | None = None, sample: torch.Tensor | None = None,
-                      unused: int | None = None, checked: bool = False) -> Candidates:
+                      skip_unused: bool = False, view: torch.Tensor | None = None, scanned: Scan | None = None
+                      ) -> Candidates:
     """The best ``min(k, numel)`` of one score buffer, ranked by :func:`esa.scoring.ranking_view` for ``metric``;
     NaN or inf scores are refused. ``skip_unused`` (bottom-k only): zero scores are not ranked (module docstring),
     so fewer than k may come back.
 
-    What a caller that has them already can pass to save a pass over the buffer each: ``view`` (the ranking view),
-    ``sample`` (values drawn from the view, for the threshold of :func:`threshold_select`), ``unused`` (the
-    number of zeros of the view) and ``checked`` (every score is known to be finite).
+    ``view`` (the ranking view) and ``scanned`` (:func:`esa.scorescan.scan` of it, with ``nonzero_min`` for a
+    bottom-k that skips unused weights) save a caller that has them the buffer's read: the selection then reads
+    only the best k blocks of the buffer (:func:`esa.scorescan.block_select`).
     """
-    if not checked and not bool(torch.isfinite(score).all()):
+    view = ranking_view(score, metric) if view is None else view
+    flat = view.detach().reshape(-1)
+    skip_unused = skip_unused and not largest
+    if scanned is None:
+        scanned = scan(flat, nonzero_min=skip_unused)
+    if not scanned.finite:
         raise EsaError(f"scores of {name} contain NaN or inf: the loss or the weights are broken "
                        "(check the baseline, or try --dtype float32)")
-    view = ranking_view(score, metric) if view is None else view
-    skip_unused = skip_unused and not largest
-    if skip_unused and unused is None:
-        unused = int((view == 0).sum())
-    if not skip_unused:
-        unused = None
+    unused = scanned.zeros if skip_unused else None
     k = min(k, score.numel())
-    found = threshold_select(view, k, largest=largest, skip_zeros=bool(unused), sample=sample)
+    found = None
+    if flat.numel() > max(BLOCK_SELECT_MIN_NUMEL, 8 * k):
+        found = block_select(flat, scanned, k, largest=largest, skip_zeros=bool(unused))
     if found is None:  # the exact selection over the whole buffer
-        ranked = view.masked_fill(view == 0, math.inf) if unused else view  # +inf never precedes a used weight
+        ranked = flat.masked_fill(flat == 0, math.inf) if unused else flat  # +inf never precedes a used weight
         values, idx = topk(ranked, k, largest=largest)
         if unused:
             used = torch.isfinite(values)
@@ -122,61 +124,7 @@ def tensor_candidates(name: str, score: torch.Tensor, k: int, *, largest: bool =
     return Candidates(values.cpu(), idx.cpu(), reported.float().cpu(), unused)
 
 
-THRESHOLD_MIN_NUMEL = 1 << 16  # smaller buffers go straight to topk
-THRESHOLD_SAMPLE = 1 << 16  # values drawn for the threshold when the caller has no sample
-THRESHOLD_CHUNK = 1 << 24  # elements compared at a time (a boolean mask of this size at most)
-
-
-def threshold_select(view: torch.Tensor, k: int, *, largest: bool, skip_zeros: bool = False,
-                     sample: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The exact top-k (bottom-k) of ``view`` — values and flat indices in the order of :func:`esa.kernels.topk` —
-    from one comparison pass instead of a selection over the whole buffer; None where it cannot tell (the caller
-    then selects over the whole buffer).
-
-    A threshold t is read off a uniform sample of the values (of the non-zero ones with ``skip_zeros``): the
-    sample's r-th best with r ≈ 2k·|sample|/n + 16, so that about 2k + 16·n/|sample| elements are at least as good.
-    The buffer is scanned chunk by chunk for the elements at least as good as t (non-zero with ``skip_zeros``).
-    If there are c ≥ k of them, the k-th best value T of the buffer is at least as good as t, so every element
-    the exact selection takes (all better than T and the first of those equal to T) is among them; kept in flat
-    index order, their own exact selection (ties to the lower index) is therefore the buffer's. If c < k, or the
-    threshold lets through more than max(8k, n/64) elements (many equal values; when the sample predicts so, the
-    scan is skipped), None.
-    """
-    flat = view.reshape(-1)
-    n = flat.numel()
-    if k == 0 or n <= max(THRESHOLD_MIN_NUMEL, 8 * k):
-        return None
-    if sample is None:
-        g = torch.Generator().manual_seed(0)
-        sample = flat[torch.randint(0, n, (THRESHOLD_SAMPLE,), generator=g).to(flat.device)]
-    sample = sample.reshape(-1).to(flat.device, torch.float32)
-    drawn = sample.numel()
-    if skip_zeros:
-        sample = sample[sample != 0]
-    if sample.numel() == 0:
-        return None
-    r = min(sample.numel(), math.ceil(2 * k * drawn / n) + 16)
-    t = torch.topk(sample, r, largest=largest).values[-1]
-    cap = max(8 * k, n // 64)
-    if int((sample >= t if largest else sample <= t).sum()) * n > cap * drawn:
-        return None  # the sample already says too many are as good (many equal values): skip the scan
-    positions = []
-    count = 0
-    for start in range(0, n, THRESHOLD_CHUNK):
-        chunk = flat[start : start + THRESHOLD_CHUNK]
-        keep = chunk >= t if largest else chunk <= t
-        if skip_zeros:
-            keep &= chunk != 0
-        at = keep.nonzero().squeeze(1)
-        count += at.numel()
-        if count > cap:
-            return None
-        positions.append(at + start)
-    if count < k:
-        return None
-    positions = torch.cat(positions)
-    values, local = topk(flat[positions], k, largest=largest)
-    return values, positions[local]
+BLOCK_SELECT_MIN_NUMEL = 1 << 16  # smaller buffers go straight to topk
 
 
 def _empty(kind: str, meta: dict) -> WeightSet:

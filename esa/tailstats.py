@@ -1,9 +1,8 @@
 """Heavy-tail statistics of a score distribution, computed without sorting the whole tensor.
 
 Per tensor (and for the model as a whole) from three exact or seeded ingredients:
-- exact moments in float64, streamed in chunks through three reused float64 buffers (:func:`moments`): mean,
-  standard deviation, excess kurtosis (m4/m2² − 3 with central moments from a second pass), max, number of exact
-  zeros;
+- exact moments from one read of the buffer (:func:`moments`; float64 power sums about the sample's mean, see
+  :mod:`esa.kernels.moments`): mean, standard deviation, excess kurtosis (m4/m2² − 3), max, number of exact zeros;
 - the exact top ``tail`` scores (:func:`esa.kernels.topk`): the share of the total score mass held by the
   top-k, and the tail fits;
 - a seeded uniform sample (all elements when the tensor has at most ``SAMPLE`` of them) for quantiles and the Gini
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
 # and scipy, so the worker processes of esa.profile.describe_all start without it.
 
 SAMPLE = 1 << 16
-CHUNK = 1 << 24
 MIN_TAIL = 20
 
 
@@ -61,7 +59,7 @@ class TensorSummary:
 
 def draw_sample(flat: torch.Tensor, seed: int) -> torch.Tensor:
     """The seeded uniform sample of a flat score buffer (every element when it has at most ``SAMPLE``), on the
-    buffer's device: the summary's sample, and the threshold sample of :func:`esa.selection.threshold_select`."""
+    buffer's device: the summary's sample, whose mean is also the shift of the power sums (:func:`moments`)."""
     import torch
 
     n = flat.numel()
@@ -71,41 +69,23 @@ def draw_sample(flat: torch.Tensor, seed: int) -> torch.Tensor:
     return flat[torch.randint(0, n, (SAMPLE,), generator=g).to(flat.device)]
 
 
-def moments(flat: torch.Tensor) -> tuple[float, int, float, float, float, float]:
-    """(Σx, zeros, max, m2, m3, m4) of a flat buffer, the sums in float64 chunk by chunk (``CHUNK`` elements);
-    m_j = Σ(x − mean)^j / n. Two passes; both reuse the same three float64 chunk buffers on the buffer's device."""
-    import torch
+Moments = tuple[float, int, float, float, float, float]
 
-    n = flat.numel()
-    size = min(n, CHUNK)
-    d = torch.empty(size, dtype=torch.float64, device=flat.device)
-    p = torch.empty(size, dtype=torch.float64, device=flat.device)
-    q = torch.empty(size, dtype=torch.float64, device=flat.device)
-    total = 0.0
-    zeros = 0
-    mx = -math.inf
-    for s in range(0, n, CHUNK):
-        c = flat[s : s + CHUNK]
-        x = d[: c.numel()]
-        x.copy_(c)
-        total += float(x.sum())
-        zeros += c.numel() - int(torch.count_nonzero(c))
-        mx = max(mx, float(c.max()))
-    mean = total / n
-    m2 = m3 = m4 = 0.0
-    for s in range(0, n, CHUNK):
-        c = flat[s : s + CHUNK]
-        m = c.numel()
-        x, x2, tmp = d[:m], p[:m], q[:m]
-        x.copy_(c)
-        x.sub_(mean)
-        torch.mul(x, x, out=x2)
-        m2 += float(x2.sum())
-        torch.mul(x2, x, out=tmp)
-        m3 += float(tmp.sum())
-        torch.mul(x2, x2, out=tmp)
-        m4 += float(tmp.sum())
-    return total, zeros, mx, m2 / n, m3 / n, m4 / n
+
+def scan_moments(scanned) -> Moments:
+    """(Σx, zeros, max, m2, m3, m4) of a buffer from its :class:`esa.scorescan.Scan` (made with a shift);
+    m_j = Σ(x − mean)^j / n, from float64 power sums about the shift (:mod:`esa.kernels.moments`)."""
+    mean, m2, m3, m4 = scanned.moments()
+    n = scanned.numel
+    return mean * n, scanned.zeros, float(scanned.block_max.max()), m2, m3, m4
+
+
+def moments(flat: torch.Tensor, seed: int = 0) -> Moments:
+    """(Σx, zeros, max, m2, m3, m4) of a flat buffer in one read (:func:`esa.scorescan.scan`), the power sums in
+    float64 about the mean of the seeded sample."""
+    from esa.scorescan import scan
+
+    return scan_moments(scan(flat, shift=float(draw_sample(flat, seed).double().mean())))
 
 
 def summarize(score: torch.Tensor, tail: int, *, seed: int = 0, top: torch.Tensor | None = None,
@@ -117,7 +97,7 @@ def summarize(score: torch.Tensor, tail: int, *, seed: int = 0, top: torch.Tenso
 
     flat = score.detach().reshape(-1)
     n = flat.numel()
-    total, zeros, mx, m2, m3, m4 = moments(flat) if stats is None else stats
+    total, zeros, mx, m2, m3, m4 = moments(flat, seed) if stats is None else stats
     mean = total / n
     kurt = m4 / (m2 * m2) - 3.0 if m2 > 0 else float("nan")
     top_values = top[: min(tail, n)] if top is not None else topk(score, min(tail, n), largest=True)[0]

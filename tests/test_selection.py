@@ -1,5 +1,7 @@
 """Top-k / bottom-k / random-k selection against a full sort of all scores, ties included."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +10,9 @@ from hypothesis import strategies as st
 
 from esa.errors import EsaError
 from esa.scoring import ScoreSet
-from esa.selection import (THRESHOLD_MIN_NUMEL, jaccard, overlap_at_k, select_extreme, select_random,
-                           tensor_candidates, threshold_select)
+from esa.scorescan import BLOCK, BLOCK_SELECT_SHARE, block_select, scan
+from esa.selection import (BLOCK_SELECT_MIN_NUMEL, jaccard, overlap_at_k, select_extreme, select_random,
+                           tensor_candidates)
 from esa.tensors import TensorInfo
 
 
@@ -141,7 +144,7 @@ def test_bottom_k_leaves_out_unused_weights_and_counts_them(arrays, k, mode):
     assert len(old) == (min(k, sum(a.size for a in arrays)) if mode == "global" else sum(min(k, a.size) for a in arrays))
 
 
-# ---------------------------------------------------------------------------------- the threshold selection
+# -------------------------------------------------------------------------------------- the block selection
 def reference_extreme(x: torch.Tensor, k: int, largest: bool, skip_zeros: bool) -> tuple[list, list]:
     """(values, flat indices) of a full stable sort by value (descending for top-k), ties to the lower index."""
     v = x.double().numpy()
@@ -155,11 +158,12 @@ def reference_extreme(x: torch.Tensor, k: int, largest: bool, skip_zeros: bool) 
 
 @pytest.mark.parametrize("largest,skip_zeros", [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("case", ["continuous", "ties", "mostly_zero", "constant"])
-def test_threshold_selection_equals_a_full_sort(largest, skip_zeros, case):
-    """Large enough to take the threshold path (more than THRESHOLD_MIN_NUMEL elements): ties at the k-th value,
-    many zeros (bottom-k with and without unused weights) and a constant buffer (the path must give up)."""
+def test_block_selection_equals_a_full_sort(largest, skip_zeros, case):
+    """Large enough to take the block path (more than BLOCK_SELECT_MIN_NUMEL elements, a partial last block): ties
+    at the k-th value, many zeros (bottom-k with and without unused weights) and a constant buffer (every block
+    ties: the earliest win)."""
     gen = torch.Generator().manual_seed(len(case) + 3 * largest + skip_zeros)
-    n = 3 * THRESHOLD_MIN_NUMEL + 17
+    n = 3 * BLOCK_SELECT_MIN_NUMEL + 17
     if case == "continuous":
         x = torch.rand(n, generator=gen) ** 4
     elif case == "ties":
@@ -168,20 +172,43 @@ def test_threshold_selection_equals_a_full_sort(largest, skip_zeros, case):
         x = torch.where(torch.rand(n, generator=gen) < 0.9, 0.0, torch.rand(n, generator=gen))
     else:
         x = torch.full((n,), 0.25)
+    scanned = scan(x, nonzero_min=skip_zeros)
     for k in (1, 100, 1500):
-        found = threshold_select(x, k, largest=largest, skip_zeros=skip_zeros)
+        found = block_select(x, scanned, k, largest=largest, skip_zeros=skip_zeros)
         values, index = reference_extreme(x, k, largest, skip_zeros)
-        if found is not None:
-            assert found[1].tolist() == index and found[0].double().tolist() == values
-        elif case in ("continuous", "mostly_zero") and (largest or skip_zeros):
-            pytest.fail("the threshold path gave up on a buffer where it should not")
-        c = tensor_candidates("x", x, k, largest=largest, skip_unused=skip_zeros)  # either path: always exact
+        if k * BLOCK * BLOCK_SELECT_SHARE <= x.numel():
+            assert found is not None and found[1].tolist() == index and found[0].double().tolist() == values
+        else:
+            assert found is None  # k blocks would be too much of the buffer: the caller selects over all of it
+        c = tensor_candidates("x", x, k, largest=largest, skip_unused=skip_zeros)
         assert c.index.tolist() == index and c.values.double().tolist() == values
 
 
-def test_threshold_selection_gives_up_on_a_misleading_sample():
-    """A sample that puts the threshold above the k-th value lets fewer than k through: None, never a wrong set."""
-    x = torch.arange(4 * THRESHOLD_MIN_NUMEL, dtype=torch.float32)
-    assert threshold_select(x, 100, largest=True, sample=torch.tensor([x.max().item()] * 64)) is None
-    found = threshold_select(x, 100, largest=True, sample=x[::64])
-    assert found is not None and found[1].tolist() == list(range(x.numel() - 1, x.numel() - 101, -1))
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 8), extra_blocks=st.integers(0, 40), tail=st.integers(0, BLOCK - 1),
+       zero_blocks=st.booleans(), largest=st.booleans(), skip_zeros=st.booleans())
+def test_block_selection_is_exact_under_heavy_ties(seed, k, extra_blocks, tail, zero_blocks, largest, skip_zeros):
+    """Few distinct values: the k-th value is tied across many blocks, the few better values sit in blocks that
+    also hold ties (so block order and flat order differ), blocks tie on their extremes, zeros may fill whole
+    blocks, the last block is short; the block path must still equal a full stable sort."""
+    skip_zeros = skip_zeros and not largest
+    rng = np.random.default_rng(seed)
+    n = (k * BLOCK_SELECT_SHARE + extra_blocks) * BLOCK + tail
+    x = rng.integers(1, 3, n).astype(np.float32)  # 1 and 2 everywhere: the k-th value ties across many blocks
+    rare = rng.choice(n, 2 * k, replace=False)  # fewer than k better values, in blocks that also hold ties
+    x[rare[: rng.integers(0, k)]] = 3.0
+    x[rare[k : k + rng.integers(0, k)]] = 0.5
+    if zero_blocks:
+        x[: n // 2 - n // 2 % BLOCK] = 0
+    x = torch.from_numpy(x)
+    found = block_select(x, scan(x, nonzero_min=skip_zeros), k, largest=largest, skip_zeros=skip_zeros)
+    ref_values, ref_index = reference_extreme(x, k, largest, skip_zeros)
+    assert found is not None and found[1].tolist() == ref_index and found[0].double().tolist() == ref_values
+
+
+def test_non_finite_scores_are_refused():
+    for bad in (math.nan, math.inf, -math.inf):
+        x = torch.rand(5 * BLOCK + 3)
+        x[4 * BLOCK + 1] = bad
+        with pytest.raises(EsaError, match="NaN or inf"):
+            tensor_candidates("t", x, 3)

@@ -113,8 +113,13 @@ def test_heavy_tail_verdict_agrees_with_powerlaw_at_its_own_x_min(rng, name, hea
 
 
 def test_streamed_moments_match_float64_numpy(monkeypatch):
-    """Several chunks (CHUNK made small): sum, zeros, max and the central moments against numpy in float64."""
-    monkeypatch.setattr(tailstats, "CHUNK", 1000)
+    """Several chunks (the scan's and the power sums' chunks made small, one not a multiple of the other): sum,
+    zeros, max and the central moments against numpy in float64."""
+    from esa import scorescan
+    from esa.kernels import moments
+
+    monkeypatch.setattr(scorescan, "CPU_CHUNK", 4 * scorescan.BLOCK)
+    monkeypatch.setattr(moments, "TORCH_CHUNK", 700)
     x = torch.from_numpy(np.random.default_rng(1).lognormal(0, 2, 4321)).float()
     x[::9] = 0
     total, zeros, mx, m2, m3, m4 = tailstats.moments(x)

@@ -1,0 +1,126 @@
+"""Shifted power sums of a float32 buffer in one read: the ingredients of exact mean, variance, skewness, kurtosis.
+
+``power_sums(x, shift)`` returns (Σy, Σy², Σy³, Σy⁴) with y = x − shift computed and summed in float64. With a
+shift c near the mean (esa uses the mean of a seeded sample), the central moments follow without cancellation
+trouble (d = Σy/n):
+
+    m₂ = Σy²/n − d²,   m₃ = Σy³/n − 3d·Σy²/n + 2d³,   m₄ = Σy⁴/n − 4d·Σy³/n + 6d²·Σy²/n − 3d⁴.
+
+float64 holds every power of every finite float32 exactly enough: |x|⁴ ≤ (3.4e38)⁴ < 1.8e308 and the smallest
+subnormal's fourth power (2⁻⁵⁹⁶) is still normal in float64, so no power over- or underflows. A NaN or ±inf in ``x``
+makes Σy non-finite (how callers detect broken scores). The shift is rounded to float32 first (a Triton kernel takes
+a Python float as float32), by :func:`power_sums` and :func:`central_moments` alike.
+
+The Triton kernel reads each element once: each program reduces ``BLOCK`` elements to four float64 partial sums,
+and torch adds the partials in float64. The torch reference copies ``x`` chunk by chunk into a float64 buffer of
+at most ``TORCH_CHUNK`` elements per thread (sized to stay in each core's cache) next to its squares, and takes the
+sums from them (the products with ``torch.dot``, which reads without writing: the fastest of the forms that
+``python -m bench.cpu_scan`` compares, measured on a 16-core host). The two backends agree to float64 rounding
+(summation order differs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from esa.kernels.dispatch import backend_for, cdiv, tl, triton
+
+#: Elements per chunk of the torch reference and per CPU thread: a 1 MiB float64 buffer and one for its squares
+#: (cache-sized on a CPU; each of torch's threads takes its own slice of a chunk).
+TORCH_CHUNK = 1 << 17
+#: Elements per Triton program.
+BLOCK = 4096
+
+PowerSums = tuple[float, float, float, float]
+
+
+def shift_of(shift: float) -> float:
+    """``shift`` as the kernels use it: rounded to float32."""
+    return float(torch.tensor(shift, dtype=torch.float32))
+
+
+def _check(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.float32:
+        raise ValueError(f"power_sums takes float32, got {x.dtype}")
+    return x.detach().reshape(-1)
+
+
+def torch_chunk(device: torch.device) -> int:
+    """Elements per chunk of :func:`power_sums_torch` on ``device``."""
+    return TORCH_CHUNK * (torch.get_num_threads() if device.type == "cpu" else 1)
+
+
+def work_buffers(x: torch.Tensor) -> torch.Tensor:
+    """The float64 scratch of :func:`power_sums_torch` for buffers like ``x``: a caller that sums many chunks
+    passes it to every call (new memory is paged in on first use, which costs as much as the sums)."""
+    return torch.empty((2, min(x.numel(), torch_chunk(x.device))), dtype=torch.float64, device=x.device)
+
+
+def power_sums_torch(x: torch.Tensor, shift: float, work: torch.Tensor | None = None) -> PowerSums:
+    """Plain-torch reference of :func:`power_sums`; ``work``: see :func:`work_buffers`."""
+    flat = _check(x)
+    shift = shift_of(shift)
+    n = flat.numel()
+    step = torch_chunk(flat.device)
+    if work is None or work.shape[1] < min(n, step):
+        work = work_buffers(flat)
+    s1 = s2 = s3 = s4 = 0.0
+    for start in range(0, n, step):
+        chunk = flat[start : start + step]
+        m = chunk.numel()
+        y, sq = work[0, :m], work[1, :m]
+        y.copy_(chunk).sub_(shift)
+        torch.mul(y, y, out=sq)
+        s1 += float(y.sum())
+        s2 += float(sq.sum())
+        s3 += float(torch.dot(sq, y))
+        s4 += float(torch.dot(sq, sq))
+    return s1, s2, s3, s4
+
+
+@triton.jit
+def _power_sums_kernel(x_ptr, out_ptr, n, shift, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float64)
+    y = tl.where(inside, x - shift, 0.0)
+    sq = y * y
+    base = out_ptr + pid.to(tl.int64) * 4
+    tl.store(base + 0, tl.sum(y, axis=0))
+    tl.store(base + 1, tl.sum(sq, axis=0))
+    tl.store(base + 2, tl.sum(sq * y, axis=0))
+    tl.store(base + 3, tl.sum(sq * sq, axis=0))
+
+
+def power_sums_triton(x: torch.Tensor, shift: float, work: torch.Tensor | None = None) -> PowerSums:
+    """Triton form of :func:`power_sums` (one read of ``x``; the partial sums are float64; ``work`` is unused)."""
+    flat = _check(x).contiguous()
+    shift = shift_of(shift)
+    n = flat.numel()
+    if n == 0:
+        return 0.0, 0.0, 0.0, 0.0
+    programs = cdiv(n, BLOCK)
+    partial = torch.empty((programs, 4), dtype=torch.float64, device=flat.device)
+    _power_sums_kernel[(programs,)](flat, partial, n, shift, BLOCK=BLOCK)
+    s1, s2, s3, s4 = partial.sum(0).tolist()
+    return s1, s2, s3, s4
+
+
+def power_sums(x: torch.Tensor, shift: float, work: torch.Tensor | None = None) -> PowerSums:
+    """(Σy, Σy², Σy³, Σy⁴) of float32 ``x`` with y = x − ``shift``, in float64 (module docstring). ``work``: the
+    torch reference's scratch (:func:`work_buffers`), for a caller that sums many chunks."""
+    impl = power_sums_triton if backend_for(x) == "triton" else power_sums_torch
+    return impl(x, shift, work)
+
+
+def central_moments(sums: PowerSums, n: int, shift: float) -> tuple[float, float, float, float]:
+    """(mean, m₂, m₃, m₄) from :func:`power_sums` of ``n`` elements (formulas in the module docstring)."""
+    s1, s2, s3, s4 = sums
+    shift = shift_of(shift)
+    d = s1 / n
+    a2, a3, a4 = s2 / n, s3 / n, s4 / n
+    m2 = max(a2 - d * d, 0.0)
+    m3 = a3 - 3 * d * a2 + 2 * d**3
+    m4 = max(a4 - 4 * d * a3 + 6 * d * d * a2 - 3 * d**4, 0.0)
+    return shift + d, m2, m3, m4
