@@ -59,7 +59,7 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 @app.command()
 @user_errors
-@o.takes(BaselineConfig, o.BASELINE)
+@o.takes("baseline")
 def baseline(config: BaselineConfig) -> None:
     """Perplexity, loss and next-token accuracy on the evaluation windows (per-window NLL kept)."""
     from esa.baseline import run_baseline
@@ -89,7 +89,7 @@ def print_baseline(metrics: dict, described: dict, out_dir: Path) -> None:
 
 @app.command()
 @user_errors
-@o.takes(ProfileConfig, o.PROFILE)
+@o.takes("profile")
 def profile(config: ProfileConfig) -> None:
     """Sensitivity scores of every weight, top-k / bottom-k selection, heavy-tail statistics and locations."""
     from esa.profile import run_profile
@@ -149,7 +149,7 @@ def compare(run_dirs: o.RunDirs, out: o.CompareOut = None) -> None:
 
 @app.command()
 @user_errors
-@o.takes(TensorsConfig, o.TENSORS)
+@o.takes("tensors")
 def tensors(config: TensorsConfig) -> None:
     """List the tensors profile would score, with their layer and component names (for --include/--exclude)."""
     from esa.modeling import load_model
@@ -172,7 +172,7 @@ def tensors(config: TensorsConfig) -> None:
 
 @app.command()
 @user_errors
-@o.takes(PerturbConfig, o.PERTURB_COMMAND)
+@o.takes("perturb")
 def perturb(config: PerturbConfig) -> None:
     """Causal test: perturb the top-k weights and random_k / bottom_k controls over seeds, restoring bit-exactly.
 
@@ -222,7 +222,7 @@ def print_perturb(results: dict, out_dir: Path) -> None:
 
 @app.command()
 @user_errors
-@o.takes(SuperweightsConfig, o.SUPERWEIGHTS)
+@o.takes("superweights")
 def superweights(config: SuperweightsConfig) -> None:
     """Super weights from activation spikes of the MLP down projections (Yu et al. 2024), no gradient needed."""
     from esa.superweights import run_superweights
@@ -256,19 +256,15 @@ def superweights(config: SuperweightsConfig) -> None:
 
 @app.command()
 @user_errors
-@o.takes(ValidateConfig, o.VALIDATE)
+@o.takes("validate")
 def validate(config: ValidateConfig) -> None:
     """Exact single-weight ablations against every metric: which metric predicts the true loss change?
 
     Rerunning the same command resumes an interrupted run.
     """
-    from dataclasses import replace
-
     from esa.validate import run_validate
 
-    # The tensors, probes and budget are the selection's; its metric is unused and its top-k is validate's.
-    config = replace(config, selection=replace(config.selection, metric="magnitude", mode="global", topk=config.topk))
-    run = run_validate(config)
+    run = run_validate(config)  # its selection: esa.options.COMMANDS["validate"].finish
     s = run["summary"]
     table = Table(title=f"which metric predicts the true effect? {s['perturb']} ablation of {s['n_sample']:,} sampled "
                         f"weights ({s['n_ablations']:,} with the top-k)", title_justify="left")
@@ -286,7 +282,7 @@ def validate(config: ValidateConfig) -> None:
 
 @app.command()
 @user_errors
-@o.takes(ReportConfig, o.REPORT)
+@o.takes("report")
 def report(run_dirs: o.ReportRunDirs, config: ReportConfig) -> None:
     """Figures, tables (Markdown, HTML, LaTeX) and the evidence checklist from finished runs; loads no model."""
     from esa.report import write_report
@@ -316,7 +312,7 @@ def print_checklist(path: Path) -> None:
 
 
 @user_errors
-@o.takes(RunbookConfig, o.RUN)
+@o.takes("run")
 def run(config: RunbookConfig) -> None:
     """The runbook: baseline → profile → perturb (with --perturb) → report, into sub-directories of --out-dir.
 
@@ -349,8 +345,9 @@ runbook_app.command()(run)
 
 @app.command()
 @user_errors
-@o.takes(RunbookConfig, o.PLAN)
-def plan(command: o.PlanCommand = "run", device_memory: o.DeviceMemory = None, json_output: o.Json = False, *,
+@o.takes("plan")
+def plan(command: o.PlanCommand = o.COMMANDS["plan"].opt("command").default, device_memory: o.DeviceMemory = None,
+         json_output: o.Json = False, *,
          config: RunbookConfig) -> None:
     """Predicted peak device memory per phase, score groups, batch size and wall time; exit 1 if it cannot fit.
 

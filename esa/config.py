@@ -1,7 +1,8 @@
 """Configurations of esa's commands (each run writes its own, resolved, to ``config.json``), their one
 validation (:func:`validate`) and their resolution (:func:`resolve_attention`, :func:`resolve_seq_len`).
 
-The dataclass defaults are the defaults of the command line too: ``cli/options.py`` reads them from here.
+The dataclass defaults are the defaults of the command line and the Python API too: ``esa/options.py`` reads
+them from here.
 Every check of a configuration value lives in this module, so that ``esa <command>``, ``esa run`` and the
 library entry points (``run_profile`` ...) refuse the same input with the same one-line :class:`EsaError`.
 Resolution never mutates its argument: it returns a new configuration (``dataclasses.replace``).

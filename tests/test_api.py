@@ -229,18 +229,23 @@ def test_a_model_object_refuses_loading_options():
 @pytest.mark.parametrize("command", ["baseline", "profile", "perturb", "superweights", "validate", "run", "plan",
                                      "report", "compare"])
 def test_options_are_the_command_lines(command):
-    """Same names and defaults as the CLI (list options as their text; out_dir / out default to no files)."""
-    cli_params = {n: p for n, p in inspect.signature(getattr(cli, command)).parameters.items()
+    """The function's keyword arguments are its command's parameters, in the same order with the same defaults, as
+    the two signatures say (what a notebook shows, what typer parses); out_dir / out default to no files."""
+    cli_params = {n: p.default for n, p in inspect.signature(getattr(cli, command)).parameters.items()
                   if n != "json_output"}  # esa plan --json: how to print, not what to plan
-    ours = api.OPTIONS[command]
-    assert list(ours) == list(cli_params)
-    for name, p in cli_params.items():
+    extra = set(api.EXTRA_OPTIONS.get(command, {}))
+    api_params = {n: p.default for n, p in inspect.signature(getattr(esa, command)).parameters.items()
+                  if n not in extra}
+    assert list(api_params) == list(cli_params)
+    for name, default in cli_params.items():
         if name in ("out_dir", "out"):
-            assert ours[name] is None
+            assert api_params[name] is None
         elif name == "run_dirs":
-            continue
+            assert default is inspect.Parameter.empty and api_params[name] is None
         else:
-            assert ours[name] == p.default, name
+            assert api_params[name] == default, name
+    # and the function takes exactly these: an option of the command line is never refused
+    assert set(api.options(command, dict.fromkeys(cli_params, None))) == set(api_params) | extra
 
 
 def test_import_esa_is_light_and_modules_are_callable():
