@@ -7,7 +7,7 @@
 Times, on one 128-token window: the score phase (:func:`esa.scoring.compute_scores`), then selection and
 statistics from the score buffers (:func:`esa.scoreselect.reduce_scores` — one top selection serving top-k and the
 tail, one bottom selection, the streamed moments and sample — plus the per-layer merge and
-:func:`esa.profile.score_statistics`). Target: at most 25% of the scoring time on CPU, 5% on a GPU.
+:func:`esa.scorestats.score_statistics`). Target: at most 25% of the scoring time on CPU, 5% on a GPU.
 Timings taken on a shared machine are not comparable; say where a figure comes from.
 """
 
@@ -39,7 +39,7 @@ def run(args) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from esa.ccdf import ccdf_curves
-    from esa.profile import location_table, score_statistics
+    from esa.scorestats import location_table, score_statistics
     from esa.scoreselect import Selection, reduce_scores
     from esa.scoring import compute_scores
     from esa.selection import merge_candidates

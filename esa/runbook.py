@@ -111,8 +111,9 @@ def run_runbook(cfg: RunbookConfig, *, announce: Callable[[str], None] = print,
     ``announce`` gets a line as each phase starts, ``finished(phase, result)`` each phase's result as it ends (so
     that what is printed about a phase follows its announcement)."""
     from esa.baseline import run_baseline
-    from esa.profile import open_for_selection, run_profile
+    from esa.profile import run_profile
     from esa.report import write_report
+    from esa.scoreselect import open_for_selection
     from esa.trials import run_perturb
 
     validate(cfg)
