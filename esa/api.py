@@ -265,8 +265,8 @@ def _session(command: str, o: dict[str, Any], data: DataConfig, *, eager: bool =
 
 # ----------------------------------------------------------------------------------------------- commands
 def baseline(**kwargs: Any) -> BaselineResult:
-    """``esa baseline``: perplexity, loss and next-token accuracy (see :mod:`esa.baseline`)."""
-    from esa.baseline import run_baseline
+    """``esa baseline``: perplexity, loss and next-token accuracy (see :mod:`esa.commands.baseline`)."""
+    from esa.commands.baseline import run_baseline
 
     o = options("baseline", kwargs)
     with _run_dir(o["out_dir"]) as (where, shown):
@@ -277,9 +277,9 @@ def baseline(**kwargs: Any) -> BaselineResult:
 
 
 def profile(**kwargs: Any) -> ProfileResult:
-    """``esa profile``: scores, top-k / bottom-k, statistics (see :mod:`esa.profile`); ``return_scores=True`` adds
+    """``esa profile``: scores, top-k / bottom-k, statistics (see :mod:`esa.commands.profile`); ``return_scores=True`` adds
     every score."""
-    from esa.profile import run_profile
+    from esa.commands.profile import run_profile
 
     o = options("profile", kwargs)
     with _run_dir(o["out_dir"]) as (where, shown):
@@ -292,7 +292,7 @@ def profile(**kwargs: Any) -> ProfileResult:
 
 def perturb(**kwargs: Any) -> PerturbResult:
     """``esa perturb``: the causal test against random_k / bottom_k controls (see :mod:`esa.trials`)."""
-    from esa.trials import run_perturb
+    from esa.commands.perturb import run_perturb
 
     o = options("perturb", kwargs)
     with _run_dir(o["out_dir"]) as (where, shown):
@@ -303,8 +303,8 @@ def perturb(**kwargs: Any) -> PerturbResult:
 
 
 def superweights(**kwargs: Any) -> SuperweightsResult:
-    """``esa superweights``: super weights from activation spikes (see :mod:`esa.superweights`)."""
-    from esa.superweights import run_superweights
+    """``esa superweights``: super weights from activation spikes (see :mod:`esa.superweight_detection`)."""
+    from esa.commands.superweights import run_superweights
 
     o = options("superweights", kwargs)
     with _run_dir(o["out_dir"]) as (where, shown):
@@ -315,8 +315,8 @@ def superweights(**kwargs: Any) -> SuperweightsResult:
 
 
 def validate(**kwargs: Any) -> ValidateResult:
-    """``esa validate``: exact single-weight ablations against every metric (see :mod:`esa.validate`)."""
-    from esa.validate import run_validate
+    """``esa validate``: exact single-weight ablations against every metric (see :mod:`esa.metric_validation`)."""
+    from esa.commands.validate import run_validate
 
     o = options("validate", kwargs)
     with _run_dir(o["out_dir"]) as (where, shown):
@@ -329,30 +329,29 @@ def validate(**kwargs: Any) -> ValidateResult:
 
 def report(run_dirs: Any = None, **kwargs: Any) -> ReportResult:
     """``esa report RUN_DIRS --out OUT``: figures, tables and the evidence checklist from finished runs."""
-    from esa.report import write_report
+    from esa.commands.report import run_report
 
     o = options("report", {"run_dirs": run_dirs, **kwargs})
     dirs = _run_dirs("report", o["run_dirs"], 1)
     with _run_dir(o["out"]) as (where, shown):
-        write_report(dirs, where, overwrite=o["overwrite"])
+        run_report(dirs, SPECS["report"].config({**o, "out": str(where)}))
         return read_report(where, shown)
 
 
 def compare(run_dirs: Any = None, **kwargs: Any) -> CompareResult:
     """``esa compare RUN_DIRS [--out OUT]``: top-k agreement between profile runs (files only with ``out``)."""
-    from esa.compare import compare_runs, write_comparison
+    from esa.commands.compare import run_compare
 
     o = options("compare", {"run_dirs": run_dirs, **kwargs})
-    result = compare_runs(_run_dirs("compare", o["run_dirs"], 2))
+    result = run_compare(_run_dirs("compare", o["run_dirs"], 2), o["out"])
     if o["out"] is not None:
-        write_comparison(result, Path(o["out"]))
         return CompareResult(out_dir=Path(o["out"]), result=read_json(Path(o["out"]) / "compare.json"))
     return CompareResult(out_dir=None, result=result)
 
 
 def run(**kwargs: Any) -> RunbookResult:
     """``esa run``: baseline → profile → perturb (with ``perturb=``) → report, in sub-directories of ``out_dir``."""
-    from esa.runbook import run_runbook
+    from esa.commands.run import run_runbook
 
     o = options("run", kwargs)
     with _run_dir(o["out_dir"]) as (where, shown):
@@ -368,26 +367,12 @@ def run(**kwargs: Any) -> RunbookResult:
 
 def plan(**kwargs: Any) -> PlanResult:
     """``esa plan``: predicted peak device memory per phase (``device_memory``: e.g. "80GB"; default: this GPU)."""
-    from esa.plan import format_plan, parse_size, plan_command
+    from esa.commands.plan import run_plan
 
     o = options("plan", kwargs)
-    config = _config("plan", o)
-    memory = o["device_memory"]
-    if memory is None:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise EsaError("no GPU here: give device_memory, e.g. device_memory='80GB'")
-        memory = str(torch.cuda.get_device_properties(0).total_memory)
-    data, controls = config.data, config.controls
-    result, _, _ = plan_command(
-        replace(config.model, device="cuda", attn_implementation=None), config.selection, command=o["command"],
-        seq_len=data.seq_len, max_samples=data.max_samples, batch_size=data.batch_size,
-        perturb=config.perturb is not None, bottom_k="bottom_k" in controls,
-        control_sets=config.control_sets if "random_k" in controls else 0, seeds=len(config.seeds),
-        stability_check=config.stability_check, stability_fraction=config.stability_fraction,
-        device_memory=parse_size(str(memory)))
-    return PlanResult(fits=result.fits, plan=result.as_dict(), lines=list(format_plan(result)))
+    planned = run_plan(_config("plan", o), command=o["command"], device_memory=o["device_memory"],
+                       flag="device_memory")
+    return PlanResult(fits=planned.fits, plan=planned.plan, lines=planned.lines)
 
 
 def _memory_model(session: Any) -> ModelConfig:

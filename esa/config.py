@@ -118,7 +118,7 @@ class PerturbConfig:
 
 @dataclass
 class SuperweightsConfig:
-    """``esa superweights``: activation-spike detection (see :mod:`esa.superweights`)."""
+    """``esa superweights``: activation-spike detection (see :mod:`esa.superweight_detection`)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)  # windows are the input only with max_samples set
@@ -135,7 +135,7 @@ class SuperweightsConfig:
 
 @dataclass
 class ValidateConfig:
-    """``esa validate``: exact single-weight ablations against every metric's prediction (see :mod:`esa.validate`)."""
+    """``esa validate``: exact single-weight ablations against every metric's prediction (see :mod:`esa.metric_validation`)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -154,7 +154,7 @@ class RunbookConfig:
     """``esa run``: every option of the phases it runs (baseline → profile → perturb → report)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(dataset="auto"))  # auto: see esa.runbook
+    data: DataConfig = field(default_factory=lambda: DataConfig(dataset="auto"))  # auto: see esa.commands.run
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     perturb: str | None = None  # None: no perturbation phase
     perturb_scale: float = 1.0
@@ -201,7 +201,7 @@ def validate_data(data: DataConfig) -> None:
 
 
 def validate_selection(sel: SelectionConfig) -> None:
-    """Metric, mode, k, probes, budget and groups (the tensor globs need the model: see esa.profile)."""
+    """Metric, mode, k, probes, budget and groups (the tensor globs need the model: see esa.tensors)."""
     check_metric(sel.metric)
     if sel.mode not in MODES:
         raise EsaError(f"unknown --mode {sel.mode!r}; use per_layer or global")

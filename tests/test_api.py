@@ -248,16 +248,20 @@ def test_options_are_the_command_lines(command):
     assert set(api.options(command, dict.fromkeys(cli_params, None))) == set(api_params) | extra
 
 
-def test_import_esa_is_light_and_modules_are_callable():
+def test_import_esa_is_light_and_its_commands_are_the_api_functions():
+    """``import esa`` loads no torch; ``esa.profile`` etc. are the esa.api functions, also after their command
+    modules (esa.commands.*) and the library are imported."""
     import subprocess
     import sys
 
-    code = ("import sys, esa; assert 'torch' not in sys.modules, 'torch'; import esa.profile as m; "
-            "assert m is esa.profile and callable(m) and m.run_profile; "
-            "import inspect; assert 'topk' in inspect.signature(esa.profile).parameters; "
-            "assert esa.perturb is __import__('esa.api').api.perturb; print('ok')")
+    code = ("import sys, esa; assert 'torch' not in sys.modules, 'torch'; "
+            "import esa.commands.profile, esa.commands.baseline, esa.commands.run, esa.planning, esa.reporting; "
+            "import esa.api as api; "
+            "assert all(getattr(esa, n) is getattr(api, n) for n in esa.__all__), 'not the API'; "
+            "import inspect; assert 'topk' in inspect.signature(esa.profile).parameters; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.stdout.strip() == "ok", out.stderr
+    assert set(esa.__all__) == set(api.COMMANDS)
 
 
 def test_readme_notebook_example_runs(tmp_path, monkeypatch):

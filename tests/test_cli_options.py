@@ -85,9 +85,9 @@ def test_help_is_grouped_into_panels():
 @pytest.fixture
 def captured(monkeypatch):
     """Run a phase command up to its library call, and keep the configuration it would have run."""
-    import esa.baseline
-    import esa.profile
-    import esa.runbook
+    import esa.commands.baseline
+    import esa.commands.profile
+    import esa.commands.run
 
     seen = []
 
@@ -95,7 +95,8 @@ def captured(monkeypatch):
         seen.append(config)
         raise EsaError("captured")
 
-    for module, name in ((esa.baseline, "run_baseline"), (esa.profile, "run_profile"), (esa.runbook, "run_runbook")):
+    for module, name in ((esa.commands.baseline, "run_baseline"), (esa.commands.profile, "run_profile"),
+                         (esa.commands.run, "run_runbook")):
         monkeypatch.setattr(module, name, capture)
     return seen
 
@@ -119,7 +120,7 @@ def test_defaults_come_from_the_configuration(captured):
 
 
 def test_esa_run_hands_every_option_to_its_phases(captured):
-    from esa.runbook import phase_configs, resolve
+    from esa.commands.run import phase_configs, resolve
 
     result = runner.invoke(app, [
         "run", "--revision", "main", "--no-trust-remote-code", "--attn-implementation", "sdpa", "--include-biases",
@@ -194,7 +195,7 @@ def test_esa_run_refuses_bad_values_before_loading_anything(tmp_path):
 
 def test_resolution_returns_a_new_configuration_and_leaves_the_callers():
     from esa.scoreselect import open_for_selection
-    from esa.runbook import resolve
+    from esa.commands.run import resolve
 
     model, data = ModelConfig(device="cpu"), DataConfig(max_samples=2, batch_size=2)
     # hessian_diag's double backward needs eager attention (hutchinson_diag/obd run forward-over-reverse on SDPA)

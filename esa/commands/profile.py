@@ -29,13 +29,12 @@ from pathlib import Path
 import torch
 
 from esa import distributed
-from esa.callmodule import make_callable
 from esa.ccdf import ccdf_curves, ccdf_rows
 from esa.config import ProfileConfig, SelectionConfig, to_dict, validate
 from esa.experts import EXPERTS_HEADER
 from esa.manifest import Timer, build_manifest
 from esa.placement import weight_tensors
-from esa.plan import predicted_peak, refuse_if_it_cannot_fit, with_planned_batch_size
+from esa.planning import predicted_peak, refuse_if_it_cannot_fit, with_planned_batch_size
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, begin_run, prepare_run_dir
 from esa.scorefile import ScoreFile
 from esa.scoreselect import open_for_selection, resolved_for, score_and_select, scored_tensors
@@ -144,6 +143,3 @@ def _open_score_file(out_dir: Path, model: torch.nn.Module, sel: SelectionConfig
     n_batches = -(-n_windows // batch_size) if needs_data(sel.metric) else 0
     tensors = [t for t, _ in scored_tensors(model, sel)]
     return ScoreFile(out_dir / "scores.safetensors", tensors, {"metric": sel.metric, "n_batches": n_batches})
-
-
-make_callable(__name__)  # esa.profile(...) is esa.api.profile (see esa.callmodule)
