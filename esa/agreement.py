@@ -107,5 +107,3 @@ def compare_runs(run_dirs: list[Path]) -> dict:
             "labels": labels, "overlap_at_k": overlap.tolist(), "jaccard": jac.tolist(), "spearman": rho.tolist(),
             "pairs": pairs,
             "mean_overlap_at_k": float(np.mean([p["overlap_at_k"] for p in pairs]))}
-
-

@@ -277,8 +277,8 @@ def baseline(**kwargs: Any) -> BaselineResult:
 
 
 def profile(**kwargs: Any) -> ProfileResult:
-    """``esa profile``: scores, top-k / bottom-k, statistics (see :mod:`esa.commands.profile`); ``return_scores=True`` adds
-    every score."""
+    """``esa profile``: scores, top-k / bottom-k, statistics (see :mod:`esa.commands.profile`);
+    ``return_scores=True`` adds every score."""
     from esa.commands.profile import run_profile
 
     o = options("profile", kwargs)

@@ -346,5 +346,3 @@ def profile_ranks(run_dir: Path, found: list[Candidate], model_id: str) -> dict:
                        "null = not in the top-k)"
         out["ranks"] = {f"{c.tensor}:{c.flat_index}": ranks.get(c.key) for c in found}
     return out
-
-

@@ -1,4 +1,4 @@
-"""``esa report``: publication-ready results and the evidence checklist from run directories."""
+"""Reports (``esa report``): publication-ready results and the evidence checklist from run directories."""
 
 from esa.reporting.build import write_report
 
