@@ -254,7 +254,8 @@ def test_import_esa_is_light_and_its_commands_are_the_api_functions():
     import subprocess
     import sys
 
-    code = ("import sys, esa; assert 'torch' not in sys.modules, 'torch'; "
+    code = ("import sys, esa, esa.options; assert 'torch' not in sys.modules, 'torch'; "
+            "assert 'typer' not in sys.modules, 'the option table imports typer'; "
             "import esa.commands.profile, esa.commands.baseline, esa.commands.run, esa.planning, esa.reporting; "
             "import esa.api as api; "
             "assert all(getattr(esa, n) is getattr(api, n) for n in esa.__all__), 'not the API'; "
