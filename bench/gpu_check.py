@@ -383,13 +383,13 @@ def end_to_end_child(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bench.end_to_end import plain_forward_backward, timed_ms
-    from esa.baseline import run_baseline
+    from esa.commands.baseline import run_baseline
     from esa.config import BaselineConfig, DataConfig, ModelConfig, ProfileConfig, SelectionConfig
     from esa.corpus import load_corpus
     from esa.evaluate import evaluate
     from esa.modeling import LoadedModel
     from esa.perturbation import PerturbSpec, perturbed
-    from esa.profile import run_profile
+    from esa.commands.profile import run_profile
     from esa.progress import quiet
     from esa.scoring import compute_scores
     from esa.selection import select_extreme
@@ -549,7 +549,7 @@ def end_to_end_child(args: argparse.Namespace) -> int:
         """The heaviest metric (second order) with ``--mode global``: over every weight matrix at the full window
         when the plan says it fits (score groups from the plan), else on runbook command 4's tensors at the longest
         window the plan says fits; measured against the plan's peak."""
-        from esa.plan import plan_loaded
+        from esa.planning import plan_loaded
 
         total = torch.cuda.get_device_properties(device).total_memory if cuda else 1 << 62
         tried: dict = {}
@@ -588,7 +588,7 @@ def end_to_end_child(args: argparse.Namespace) -> int:
 
 
 def _plan_vs_measured(manifest: dict) -> dict:
-    """A run manifest's planned peak (esa.plan) next to its measured one."""
+    """A run manifest's planned peak (esa.planning) next to its measured one."""
     memory = manifest.get("memory", {})
     planned, measured = memory.get("planned_peak_bytes"), memory.get("measured_peak_bytes")
     if not planned or not measured:

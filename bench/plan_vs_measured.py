@@ -6,7 +6,7 @@
 Every case runs in a fresh process (peak RSS is per process): baseline (evaluation), grad_x_weight and
 hutchinson_diag scoring with one score group, and grad_x_weight with three (more groups must lower the peak).
 Per case: the measured peak RSS, the RSS right after the imports (the interpreter and libraries), the plan's peak
-(:func:`esa.plan.plan_loaded`, whose CPU workspace stands for that import baseline) and their ratio. Writes
+(:func:`esa.planning.plan_loaded`, whose CPU workspace stands for that import baseline) and their ratio. Writes
 bench/out/plan_vs_measured.json. The goal: the plan within 25% of the measured peak for every case.
 """
 
@@ -45,7 +45,7 @@ def measure(phase: str, metric: str, groups: int, *, hidden: int, layers: int, v
     import torch
 
     from esa.evaluate import evaluate
-    from esa.plan import plan_loaded
+    from esa.planning import plan_loaded
     from esa.scoregroups import split_groups
     from esa.scoreselect import reduce_scores
     from esa.scoring import compute_scores

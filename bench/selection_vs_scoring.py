@@ -8,7 +8,7 @@ Times, on one 128-token window, after one untimed warm-up of both (Triton compil
 modules on first use; ``--no-warmup`` times the first call): the score phase (:func:`esa.scoring.compute_scores`), then selection and
 statistics from the score buffers (:func:`esa.scoreselect.reduce_scores` — per buffer one read
 (:func:`esa.scorescan.scan`: block extrema, zeros, float64 power sums) and two selections among the best blocks —
-plus the per-layer merge and :func:`esa.profile.score_statistics`); then the scan of every buffer on its own, with
+plus the per-layer merge and :func:`esa.scorestats.score_statistics`); then the scan of every buffer on its own, with
 the bandwidth it achieves (4 bytes per score read). Target: at most 25% of the scoring time on CPU, 5% on a GPU.
 Timings taken on a shared machine are not comparable; say where a figure comes from.
 """
@@ -42,8 +42,8 @@ def run(args) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from esa.ccdf import ccdf_curves
-    from esa.profile import location_table, score_statistics
     from esa.scorescan import scan
+    from esa.scorestats import location_table, score_statistics
     from esa.scoreselect import Selection, reduce_scores
     from esa.scoring import compute_scores
     from esa.selection import merge_candidates

@@ -59,10 +59,10 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 @app.command()
 @user_errors
-@o.takes(BaselineConfig, o.BASELINE)
+@o.takes("baseline")
 def baseline(config: BaselineConfig) -> None:
     """Perplexity, loss and next-token accuracy on the evaluation windows (per-window NLL kept)."""
-    from esa.baseline import run_baseline
+    from esa.commands.baseline import run_baseline
 
     run = run_baseline(config)
     print_baseline(run.metrics, run.session.describe(), run.out_dir)
@@ -89,10 +89,10 @@ def print_baseline(metrics: dict, described: dict, out_dir: Path) -> None:
 
 @app.command()
 @user_errors
-@o.takes(ProfileConfig, o.PROFILE)
+@o.takes("profile")
 def profile(config: ProfileConfig) -> None:
     """Sensitivity scores of every weight, top-k / bottom-k selection, heavy-tail statistics and locations."""
-    from esa.profile import run_profile
+    from esa.commands.profile import run_profile
 
     run = run_profile(config)
     print_profile(run["metrics"], run["stability"], run["out_dir"])
@@ -131,11 +131,9 @@ def print_profile(metrics: dict, stability: dict | None, out_dir: Path) -> None:
 @user_errors
 def compare(run_dirs: o.RunDirs, out: o.CompareOut = None) -> None:
     """Overlap@k, Jaccard and rank correlation between the top-k sets of profile runs (e.g. different metrics)."""
-    from esa.compare import compare_runs, write_comparison
+    from esa.commands.compare import run_compare
 
-    result = compare_runs(run_dirs)
-    if out is not None:
-        write_comparison(result, out)
+    result = run_compare(run_dirs, out)
     table = Table(title="top-k agreement between runs", title_justify="left")
     for col in ("run A", "run B", "overlap@k", "Jaccard", "Spearman ρ", "ρ basis"):
         table.add_column(col, justify="right" if col[0] in "oJS" else "left")
@@ -149,7 +147,7 @@ def compare(run_dirs: o.RunDirs, out: o.CompareOut = None) -> None:
 
 @app.command()
 @user_errors
-@o.takes(TensorsConfig, o.TENSORS)
+@o.takes("tensors")
 def tensors(config: TensorsConfig) -> None:
     """List the tensors profile would score, with their layer and component names (for --include/--exclude)."""
     from esa.modeling import load_model
@@ -172,13 +170,13 @@ def tensors(config: TensorsConfig) -> None:
 
 @app.command()
 @user_errors
-@o.takes(PerturbConfig, o.PERTURB_COMMAND)
+@o.takes("perturb")
 def perturb(config: PerturbConfig) -> None:
     """Causal test: perturb the top-k weights and random_k / bottom_k controls over seeds, restoring bit-exactly.
 
     Rerunning the same command resumes an interrupted run.
     """
-    from esa.trials import run_perturb
+    from esa.commands.perturb import run_perturb
 
     run = run_perturb(config)
     print_perturb(run["results"], run["out_dir"])
@@ -222,10 +220,10 @@ def print_perturb(results: dict, out_dir: Path) -> None:
 
 @app.command()
 @user_errors
-@o.takes(SuperweightsConfig, o.SUPERWEIGHTS)
+@o.takes("superweights")
 def superweights(config: SuperweightsConfig) -> None:
     """Super weights from activation spikes of the MLP down projections (Yu et al. 2024), no gradient needed."""
-    from esa.superweights import run_superweights
+    from esa.commands.superweights import run_superweights
 
     run = run_superweights(config)
     m = run["metrics"]
@@ -256,19 +254,15 @@ def superweights(config: SuperweightsConfig) -> None:
 
 @app.command()
 @user_errors
-@o.takes(ValidateConfig, o.VALIDATE)
+@o.takes("validate")
 def validate(config: ValidateConfig) -> None:
     """Exact single-weight ablations against every metric: which metric predicts the true loss change?
 
     Rerunning the same command resumes an interrupted run.
     """
-    from dataclasses import replace
+    from esa.commands.validate import run_validate
 
-    from esa.validate import run_validate
-
-    # The tensors, probes and budget are the selection's; its metric is unused and its top-k is validate's.
-    config = replace(config, selection=replace(config.selection, metric="magnitude", mode="global", topk=config.topk))
-    run = run_validate(config)
+    run = run_validate(config)  # its selection: esa.options.COMMANDS["validate"].finish
     s = run["summary"]
     table = Table(title=f"which metric predicts the true effect? {s['perturb']} ablation of {s['n_sample']:,} sampled "
                         f"weights ({s['n_ablations']:,} with the top-k)", title_justify="left")
@@ -286,13 +280,13 @@ def validate(config: ValidateConfig) -> None:
 
 @app.command()
 @user_errors
-@o.takes(ReportConfig, o.REPORT)
+@o.takes("report")
 def report(run_dirs: o.ReportRunDirs, config: ReportConfig) -> None:
     """Figures, tables (Markdown, HTML, LaTeX) and the evidence checklist from finished runs; loads no model."""
-    from esa.report import write_report
+    from esa.commands.report import run_report
 
     out = Path(config.out)
-    summary = write_report(run_dirs, out, overwrite=config.overwrite)
+    summary = run_report(run_dirs, config)
     print_checklist(out / "checklist.json")
     if summary["skipped"]:
         console.print("[yellow]left out:[/] " + "; ".join(summary["skipped"]))
@@ -300,7 +294,7 @@ def report(run_dirs: o.ReportRunDirs, config: ReportConfig) -> None:
 
 
 def print_checklist(path: Path) -> None:
-    from esa.report.tables import fmt
+    from esa.reporting.tables import fmt
     from esa.runio import read_json
 
     colour = {"met": "green", "not met": "red", "not measured": "dim", "not applicable": "dim",
@@ -316,7 +310,7 @@ def print_checklist(path: Path) -> None:
 
 
 @user_errors
-@o.takes(RunbookConfig, o.RUN)
+@o.takes("run")
 def run(config: RunbookConfig) -> None:
     """The runbook: baseline → profile → perturb (with --perturb) → report, into sub-directories of --out-dir.
 
@@ -324,7 +318,7 @@ def run(config: RunbookConfig) -> None:
     --out: the runbook chains its phases itself). Rerunning the same command reuses finished phases and resumes
     interrupted trials.
     """
-    from esa.runbook import run_runbook
+    from esa.commands.run import run_runbook
 
     out_dir = Path(config.out_dir)
 
@@ -349,8 +343,9 @@ runbook_app.command()(run)
 
 @app.command()
 @user_errors
-@o.takes(RunbookConfig, o.PLAN)
-def plan(command: o.PlanCommand = "run", device_memory: o.DeviceMemory = None, json_output: o.Json = False, *,
+@o.takes("plan")
+def plan(command: o.PlanCommand = o.COMMANDS["plan"].opt("command").default, device_memory: o.DeviceMemory = None,
+         json_output: o.Json = False, *,
          config: RunbookConfig) -> None:
     """Predicted peak device memory per phase, score groups, batch size and wall time; exit 1 if it cannot fit.
 
@@ -358,45 +353,16 @@ def plan(command: o.PlanCommand = "run", device_memory: o.DeviceMemory = None, j
     command line can be planned as it is.
     """
     import json
-    from dataclasses import replace
 
-    from esa.config import validate as validate_config
-    from esa.errors import EsaError
-    from esa.plan import format_plan, parse_size, plan_command, plan_split
+    from esa.commands.plan import run_plan
 
-    validate_config(config)
-    model_cfg = config.model
-    if device_memory is None and model_cfg.device_map and model_cfg.max_memory:  # a split model: its largest GPU
-        from esa.placement import parse_max_memory
-
-        gpus = [v for k, v in (parse_max_memory(model_cfg.max_memory) or {}).items() if isinstance(k, int)]
-        device_memory = str(max(gpus)) if gpus else None
-    if device_memory is None:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise EsaError("no GPU here: give --device-memory, e.g. --device-memory 80GB")
-        device_memory = str(torch.cuda.get_device_properties(0).total_memory)
-    data, controls = config.data, config.controls
-    model_cfg = replace(model_cfg, device="cuda", attn_implementation=None)
-    result, shape, workload = plan_command(
-        model_cfg, config.selection, command=command,
-        seq_len=data.seq_len, max_samples=data.max_samples, batch_size=data.batch_size,
-        perturb=config.perturb is not None, bottom_k="bottom_k" in controls,
-        control_sets=config.control_sets if "random_k" in controls else 0, seeds=len(config.seeds),
-        stability_check=config.stability_check, stability_fraction=config.stability_fraction,
-        device_memory=parse_size(device_memory))
-    fits = result.fits
-    split = plan_split(shape, model_cfg, workload, parse_size(device_memory)) if model_cfg.device_map else None
-    if split is not None:
-        fits = split[1]
+    planned = run_plan(config, command=command, device_memory=device_memory)
     if json_output:
-        extra = {} if split is None else {"device_map": {"lines": split[0], "fits": split[1], "reason": split[2]}}
-        print(json.dumps({**result.as_dict(), **extra}, indent=1))
+        print(json.dumps(planned.plan, indent=1))
     else:
-        for line in format_plan(result) + (split[0] + ([f"reason: {split[2]}"] if split[2] else []) if split else []):
+        for line in planned.lines:
             console.print(line, markup=False)
-    if not fits:
+    if not planned.fits:
         raise typer.Exit(1)
 
 

@@ -2,9 +2,9 @@
 
 From Python, every command is a function taking the command line's options as keyword arguments (see
 :mod:`esa.api`): ``esa.baseline``, ``esa.profile``, ``esa.perturb``, ``esa.report``, ``esa.run``, ``esa.plan``,
-``esa.superweights``, ``esa.validate``, ``esa.compare``. ``import esa`` stays light: each is imported on first use.
-Where a command module has the same name (``esa.profile`` is also the module of ``esa profile``), the module itself
-is callable as the API function (:mod:`esa.callmodule`).
+``esa.superweights``, ``esa.validate``, ``esa.compare``. ``import esa`` stays light: :mod:`esa.api` is imported on
+first use. No module of esa has one of these names (the commands live in :mod:`esa.commands`), so each name is
+always the function.
 """
 
 from __future__ import annotations
@@ -12,17 +12,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_MODULES = ("baseline", "profile", "report", "plan", "superweights", "validate", "compare")  # callable modules
-_FUNCTIONS = ("perturb", "run")  # esa.api functions with no module of that name
-__all__ = [*_MODULES, *_FUNCTIONS]
+__all__ = ["baseline", "profile", "perturb", "report", "run", "plan", "superweights", "validate", "compare"]
 
 
 def __getattr__(name: str) -> Any:
-    """``esa.perturb`` / ``esa.run``: the :mod:`esa.api` functions; ``esa.profile`` etc.: the (callable) command
-    modules, imported on first use (once imported, Python finds them without asking here)."""
-    if name in _MODULES:
-        return importlib.import_module(f"esa.{name}")
-    if name in _FUNCTIONS:
+    """``esa.profile`` etc.: the :mod:`esa.api` functions, imported on first use."""
+    if name in __all__:
         return getattr(importlib.import_module("esa.api"), name)
     raise AttributeError(f"module 'esa' has no attribute {name!r}")
 

@@ -30,48 +30,20 @@ import contextlib
 import difflib
 import inspect
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from esa.config import (BaselineConfig, DataConfig, ModelConfig, PerturbConfig, ProfileConfig, SelectionConfig,
-                        SuperweightsConfig, ValidateConfig, needs_double_backward)
+from esa.config import DataConfig, ModelConfig, needs_double_backward
 from esa.errors import EsaError
+from esa.options import COMMANDS as SPECS
 from esa.runio import MANIFEST, read_csv_rows, read_json, read_jsonl
 
 # ----------------------------------------------------------------------------------------------- options
-MODEL_OPTIONS = {"model": None, "dtype": "auto", "device": "auto", "device_map": None, "max_memory": None,
-                 "revision": None, "trust_remote_code": False, "attn_implementation": None}
-DATA_OPTIONS = {"dataset": "embedded", "dataset_path": None, "text_file": None, "seq_len": None, "max_samples": None,
-                "batch_size": None, "seed": 0}
-SELECTION_OPTIONS = {"metric": "grad_x_weight", "mode": "per_layer", "topk": 100, "include": None, "exclude": None,
-                     "include_biases": False, "include_norms": False, "hutchinson_probes": 8, "hessian_budget": 4096,
-                     "bottom_k_include_unused": False, "score_groups": None}
-PERTURBATION_OPTIONS = {"perturb": "zero", "perturb_scale": 1.0, "perturb_prob": 1.0, "bits": "any",
-                        "controls": "random_k,bottom_k", "stratified": True, "control_sets": 39, "n_bootstrap": 10_000}
-STABILITY_OPTIONS = {"seeds": "0,1,2", "stability_check": False, "stability_fraction": 0.5}
-OUTPUT_OPTIONS = {"out_dir": None, "overwrite": False}
-#: ``esa run`` (and ``esa plan``): every option of the phases it runs (cli/options.py's RUN group).
-RUN_OPTIONS = {**MODEL_OPTIONS, **DATA_OPTIONS, "dataset": "auto", **SELECTION_OPTIONS, **PERTURBATION_OPTIONS,
-               "perturb": None, **STABILITY_OPTIONS, "save_scores": False, "save_plots": False, **OUTPUT_OPTIONS}
-
-OPTIONS: dict[str, dict[str, Any]] = {
-    "baseline": {**MODEL_OPTIONS, **DATA_OPTIONS, **OUTPUT_OPTIONS},
-    "profile": {**MODEL_OPTIONS, **DATA_OPTIONS, **SELECTION_OPTIONS, **STABILITY_OPTIONS, "save_scores": False,
-                "save_plots": False, **OUTPUT_OPTIONS},
-    "perturb": {**MODEL_OPTIONS, **DATA_OPTIONS, **SELECTION_OPTIONS, **PERTURBATION_OPTIONS, "from_profile": None,
-                "weights": None, **STABILITY_OPTIONS, "save_plots": False, **OUTPUT_OPTIONS},
-    "superweights": {**MODEL_OPTIONS, **DATA_OPTIONS, "prompt": "Apple Inc. is a worldwide tech company.",
-                     "threshold": 50.0, "relative_threshold": 10.0, "iterate": False, "max_iterations": 10,
-                     "from_profile": None, "mediation": False, **OUTPUT_OPTIONS},
-    "validate": {**MODEL_OPTIONS, **DATA_OPTIONS, "metrics": "", "sample": 2000, "topk": 20, "perturb": "zero",
-                 "n_bootstrap": 1000, "include": None, "exclude": None, "include_biases": False,
-                 "include_norms": False, "hutchinson_probes": 8, "hessian_budget": 4096, **OUTPUT_OPTIONS},
-    "run": RUN_OPTIONS,
-    "report": {"run_dirs": None, "out": None, "overwrite": False},
-    "compare": {"run_dirs": None, "out": None},
-    "plan": {"command": "run", "device_memory": None, **RUN_OPTIONS},
-}
+#: Each function's keyword arguments and defaults: its command's options (esa.options), no files by default.
+OPTIONS: dict[str, dict[str, Any]] = {name: SPECS[name].api_defaults() for name in
+                                      ("baseline", "profile", "perturb", "superweights", "validate", "run", "plan",
+                                       "report", "compare")}
 # Options of a function that the command line does not have.
 EXTRA_OPTIONS: dict[str, dict[str, Any]] = {
     "baseline": {"tokenizer": None}, "profile": {"tokenizer": None, "return_scores": False},
@@ -90,57 +62,18 @@ def options(command: str, given: dict[str, Any]) -> dict[str, Any]:
     return {**known, **given}
 
 
-def _text_list(value: Any, name: str) -> list[str]:
-    """A list option given as a list, a tuple or the command line's comma-separated text."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    raise EsaError(f"{name} must be a list or comma-separated text (got {type(value).__name__})")
+def _config(command: str, o: dict[str, Any], where: Path | None = None) -> Any:
+    """The configuration ``esa <command>`` would build from the same options (:meth:`esa.options.Command.config`),
+    writing into ``where`` (a model object stands in for no name: :func:`_in_memory` describes it)."""
+    spec = SPECS[command]
+    values = {**o, "model": o["model"] if _is_name(o.get("model")) else None}
+    values["out_dir"] = str(where) if where is not None else spec.defaults()["out_dir"]  # esa plan: no files
+    return spec.config(values)
 
 
-def _seeds(value: Any) -> list[int]:
-    """``seeds`` as the command line checks them: integers, at least one, none repeated."""
-    try:
-        seeds = [int(s) for s in _text_list(value, "seeds")]
-    except ValueError:
-        raise EsaError(f"seeds {value!r}: use integers, e.g. [0, 1, 2] or '0,1,2'") from None
-    if not seeds:
-        raise EsaError("seeds needs at least one seed")
-    if len(set(seeds)) != len(seeds):
-        raise EsaError(f"seeds {value!r} repeats a seed")
-    return seeds
-
-
-def _controls(value: Any) -> list[str]:
-    names = _text_list(value, "controls")
-    return [] if [n.lower() for n in names] in ([], ["none"]) else names
-
-
-def _path(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-def model_config(o: dict[str, Any]) -> ModelConfig:
-    max_memory = o.get("max_memory")
-    if isinstance(max_memory, (list, tuple)):  # as --max-memory repeated: one comma-separated string
-        max_memory = ",".join(map(str, max_memory))
-    return ModelConfig(model=_path(o["model"]), dtype=o["dtype"], device=o["device"], revision=o["revision"],
-                       trust_remote_code=o["trust_remote_code"], attn_implementation=o["attn_implementation"],
-                       device_map=_path(o.get("device_map")), max_memory=max_memory)
-
-
-def data_config(o: dict[str, Any]) -> DataConfig:
-    return DataConfig(dataset=o["dataset"], dataset_path=_path(o["dataset_path"]), text_file=_path(o["text_file"]),
-                      seq_len=o["seq_len"], max_samples=o["max_samples"], batch_size=o["batch_size"], seed=o["seed"])
-
-
-def selection_config(o: dict[str, Any], **override: Any) -> SelectionConfig:
-    values = {k: o.get(k, v) for k, v in SELECTION_OPTIONS.items()} | override
-    return SelectionConfig(**{**values, "include": _text_list(values["include"], "include"),
-                              "exclude": _text_list(values["exclude"], "exclude")})
+def _in_memory(config: Any, session: Any) -> Any:
+    """``config`` as run on the model in memory (``session``; None: a model by name, ``config`` itself)."""
+    return config if session is None else replace(config, model=_memory_model(session))
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -332,160 +265,114 @@ def _session(command: str, o: dict[str, Any], data: DataConfig, *, eager: bool =
 
 # ----------------------------------------------------------------------------------------------- commands
 def baseline(**kwargs: Any) -> BaselineResult:
-    """``esa baseline``: perplexity, loss and next-token accuracy (see :mod:`esa.baseline`)."""
-    from esa.baseline import run_baseline
+    """``esa baseline``: perplexity, loss and next-token accuracy (see :mod:`esa.commands.baseline`)."""
+    from esa.commands.baseline import run_baseline
 
     o = options("baseline", kwargs)
-    data = data_config(o)
-    with _run_dir(o["out_dir"]) as (where, shown), _session("baseline", o, data) as session:
-        config = BaselineConfig(model=model_config(o) if session is None else _memory_model(session),
-                                data=data, out_dir=str(where), overwrite=o["overwrite"])
-        run_baseline(config, session=session)
+    with _run_dir(o["out_dir"]) as (where, shown):
+        config = _config("baseline", o, where)
+        with _session("baseline", o, config.data) as session:
+            run_baseline(_in_memory(config, session), session=session)
         return read_baseline(where, shown)
 
 
 def profile(**kwargs: Any) -> ProfileResult:
-    """``esa profile``: scores, top-k / bottom-k, statistics (see :mod:`esa.profile`); ``return_scores=True`` adds
-    every score."""
-    from esa.profile import run_profile
+    """``esa profile``: scores, top-k / bottom-k, statistics (see :mod:`esa.commands.profile`);
+    ``return_scores=True`` adds every score."""
+    from esa.commands.profile import run_profile
 
     o = options("profile", kwargs)
-    data = data_config(o)
-    with _run_dir(o["out_dir"]) as (where, shown), \
-            _session("profile", o, data, eager=needs_double_backward(o["metric"])) as session:
-        config = ProfileConfig(model=model_config(o) if session is None else _memory_model(session), data=data,
-                               selection=selection_config(o), seeds=_seeds(o["seeds"]),
-                               stability_check=o["stability_check"], stability_fraction=o["stability_fraction"],
-                               save_scores=o["save_scores"] or o["return_scores"], save_plots=o["save_plots"],
-                               out_dir=str(where), overwrite=o["overwrite"])
-        run_profile(config, session=session)
+    with _run_dir(o["out_dir"]) as (where, shown):
+        config = _config("profile", o, where)
+        config = replace(config, save_scores=config.save_scores or o["return_scores"])
+        with _session("profile", o, config.data, eager=needs_double_backward(config.selection.metric)) as session:
+            run_profile(_in_memory(config, session), session=session)
         return read_profile(where, shown, scores=o["return_scores"])
 
 
 def perturb(**kwargs: Any) -> PerturbResult:
     """``esa perturb``: the causal test against random_k / bottom_k controls (see :mod:`esa.trials`)."""
-    from esa.trials import run_perturb
+    from esa.commands.perturb import run_perturb
 
     o = options("perturb", kwargs)
-    data = data_config(o)
-    with _run_dir(o["out_dir"]) as (where, shown), \
-            _session("perturb", o, data, eager=needs_double_backward(o["metric"])) as session:
-        config = PerturbConfig(
-            model=model_config(o) if session is None else _memory_model(session), data=data,
-            selection=selection_config(o),
-            perturb=o["perturb"], perturb_scale=o["perturb_scale"], perturb_prob=o["perturb_prob"], bits=o["bits"],
-            controls=_controls(o["controls"]), seeds=_seeds(o["seeds"]), from_profile=_path(o["from_profile"]),
-            weights_file=_path(o["weights"]), stability_check=o["stability_check"],
-            stability_fraction=o["stability_fraction"], random_stratified=o["stratified"],
-            control_sets=o["control_sets"], n_bootstrap=o["n_bootstrap"], save_plots=o["save_plots"],
-            out_dir=str(where), overwrite=o["overwrite"])
-        run_perturb(config, session=session)
+    with _run_dir(o["out_dir"]) as (where, shown):
+        config = _config("perturb", o, where)
+        with _session("perturb", o, config.data, eager=needs_double_backward(config.selection.metric)) as session:
+            run_perturb(_in_memory(config, session), session=session)
         return read_perturb(where, shown)
 
 
 def superweights(**kwargs: Any) -> SuperweightsResult:
-    """``esa superweights``: super weights from activation spikes (see :mod:`esa.superweights`)."""
-    from esa.superweights import run_superweights
+    """``esa superweights``: super weights from activation spikes (see :mod:`esa.superweight_detection`)."""
+    from esa.commands.superweights import run_superweights
 
     o = options("superweights", kwargs)
-    data = data_config(o)
-    with _run_dir(o["out_dir"]) as (where, shown), _session("superweights", o, data) as session:
-        config = SuperweightsConfig(
-            model=model_config(o) if session is None else _memory_model(session), data=data, prompt=o["prompt"],
-            threshold=o["threshold"], relative_threshold=o["relative_threshold"], iterate=o["iterate"],
-            max_iterations=o["max_iterations"], from_profile=_path(o["from_profile"]), mediation=o["mediation"],
-            out_dir=str(where), overwrite=o["overwrite"])
-        run_superweights(config, session=session)
+    with _run_dir(o["out_dir"]) as (where, shown):
+        config = _config("superweights", o, where)
+        with _session("superweights", o, config.data) as session:
+            run_superweights(_in_memory(config, session), session=session)
         return read_superweights(where, shown)
 
 
 def validate(**kwargs: Any) -> ValidateResult:
-    """``esa validate``: exact single-weight ablations against every metric (see :mod:`esa.validate`)."""
-    from esa.validate import run_validate
+    """``esa validate``: exact single-weight ablations against every metric (see :mod:`esa.metric_validation`)."""
+    from esa.commands.validate import run_validate
 
     o = options("validate", kwargs)
-    data = data_config(o)
-    metrics = _text_list(o["metrics"], "metrics")
-    second_order = any(needs_double_backward(m) for m in (metrics or ["hutchinson_diag"]))
-    with _run_dir(o["out_dir"]) as (where, shown), \
-            _session("validate", o, data, eager=second_order) as session:
-        config = ValidateConfig(
-            model=model_config(o) if session is None else _memory_model(session), data=data,
-            selection=selection_config(o, metric="magnitude", mode="global", topk=o["topk"]), metrics=metrics,
-            sample=o["sample"], topk=o["topk"], perturb=o["perturb"], n_bootstrap=o["n_bootstrap"],
-            out_dir=str(where), overwrite=o["overwrite"])
-        run_validate(config, session=session)
+    with _run_dir(o["out_dir"]) as (where, shown):
+        config = _config("validate", o, where)
+        second_order = any(needs_double_backward(m) for m in (config.metrics or ["hutchinson_diag"]))
+        with _session("validate", o, config.data, eager=second_order) as session:
+            run_validate(_in_memory(config, session), session=session)
         return read_validate(where, shown)
 
 
 def report(run_dirs: Any = None, **kwargs: Any) -> ReportResult:
     """``esa report RUN_DIRS --out OUT``: figures, tables and the evidence checklist from finished runs."""
-    from esa.report import write_report
+    from esa.commands.report import run_report
 
     o = options("report", {"run_dirs": run_dirs, **kwargs})
     dirs = _run_dirs("report", o["run_dirs"], 1)
     with _run_dir(o["out"]) as (where, shown):
-        write_report(dirs, where, overwrite=o["overwrite"])
+        run_report(dirs, SPECS["report"].config({**o, "out": str(where)}))
         return read_report(where, shown)
 
 
 def compare(run_dirs: Any = None, **kwargs: Any) -> CompareResult:
     """``esa compare RUN_DIRS [--out OUT]``: top-k agreement between profile runs (files only with ``out``)."""
-    from esa.compare import compare_runs, write_comparison
+    from esa.commands.compare import run_compare
 
     o = options("compare", {"run_dirs": run_dirs, **kwargs})
-    result = compare_runs(_run_dirs("compare", o["run_dirs"], 2))
+    result = run_compare(_run_dirs("compare", o["run_dirs"], 2), o["out"])
     if o["out"] is not None:
-        write_comparison(result, Path(o["out"]))
         return CompareResult(out_dir=Path(o["out"]), result=read_json(Path(o["out"]) / "compare.json"))
     return CompareResult(out_dir=None, result=result)
 
 
 def run(**kwargs: Any) -> RunbookResult:
     """``esa run``: baseline → profile → perturb (with ``perturb=``) → report, in sub-directories of ``out_dir``."""
-    from esa.runbook import RunbookConfig, resolve_dataset, run_runbook
+    from esa.commands.run import run_runbook
 
     o = options("run", kwargs)
     with _run_dir(o["out_dir"]) as (where, shown):
-        dataset = resolve_dataset(o["dataset"], o["model"], _path(o["text_file"]))
-        o = {**o, "dataset": dataset}
-        config = RunbookConfig(
-            model=model_config(o), data=data_config(o), selection=selection_config(o),
-            perturb=o["perturb"], perturb_scale=o["perturb_scale"], perturb_prob=o["perturb_prob"], bits=o["bits"],
-            controls=_controls(o["controls"]), random_stratified=o["stratified"], control_sets=o["control_sets"],
-            n_bootstrap=o["n_bootstrap"], seeds=_seeds(o["seeds"]), stability_check=o["stability_check"],
-            stability_fraction=o["stability_fraction"], save_scores=o["save_scores"], save_plots=o["save_plots"],
-            out_dir=str(where), overwrite=o["overwrite"])
+        config = _config("run", o, where)
         run_runbook(config, announce=lambda line: None)
         sub = (lambda name: None) if shown is None else (lambda name: shown / name)
         return RunbookResult(
             out_dir=shown, baseline=read_baseline(where / "baseline", sub("baseline")),
             profile=read_profile(where / "profile", sub("profile")),
-            perturb=read_perturb(where / "perturb", sub("perturb")) if o["perturb"] else None,
+            perturb=read_perturb(where / "perturb", sub("perturb")) if config.perturb else None,
             report=read_report(where / "report", sub("report")))
 
 
 def plan(**kwargs: Any) -> PlanResult:
     """``esa plan``: predicted peak device memory per phase (``device_memory``: e.g. "80GB"; default: this GPU)."""
-    from esa.plan import format_plan, parse_size, plan_command
+    from esa.commands.plan import run_plan
 
     o = options("plan", kwargs)
-    memory = o["device_memory"]
-    if memory is None:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise EsaError("no GPU here: give device_memory, e.g. device_memory='80GB'")
-        memory = str(torch.cuda.get_device_properties(0).total_memory)
-    controls = _controls(o["controls"])
-    result, _, _ = plan_command(
-        model_config({**o, "device": "cuda", "attn_implementation": None}),
-        selection_config(o), command=o["command"], seq_len=o["seq_len"], max_samples=o["max_samples"],
-        batch_size=o["batch_size"], perturb=o["perturb"] is not None, bottom_k="bottom_k" in controls,
-        control_sets=o["control_sets"] if "random_k" in controls else 0, seeds=len(_seeds(o["seeds"])),
-        stability_check=o["stability_check"], stability_fraction=o["stability_fraction"],
-        device_memory=parse_size(str(memory)))
-    return PlanResult(fits=result.fits, plan=result.as_dict(), lines=list(format_plan(result)))
+    planned = run_plan(_config("plan", o), command=o["command"], device_memory=o["device_memory"],
+                       flag="device_memory")
+    return PlanResult(fits=planned.fits, plan=planned.plan, lines=planned.lines)
 
 
 def _memory_model(session: Any) -> ModelConfig:
@@ -504,14 +391,17 @@ def _run_dirs(command: str, value: Any, least: int) -> list[Path]:
 
 
 def _signature(command: str, fn: Callable) -> inspect.Signature:
-    """The keyword-only signature a notebook shows for ``fn`` (its options and their defaults)."""
-    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+    """The signature a notebook shows for ``fn``: its positional arguments (run directories), then its options and
+    their defaults as keyword-only parameters."""
+    arguments = SPECS[command].arguments
+    params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD if name in arguments else
+                                inspect.Parameter.KEYWORD_ONLY, default=default)
               for name, default in {**OPTIONS[command], **EXTRA_OPTIONS.get(command, {})}.items()]
     return inspect.Signature(params, return_annotation=inspect.signature(fn).return_annotation)
 
 
 for _name, _fn in {"baseline": baseline, "profile": profile, "perturb": perturb, "superweights": superweights,
-                   "validate": validate, "run": run, "plan": plan}.items():
+                   "validate": validate, "run": run, "plan": plan, "report": report, "compare": compare}.items():
     _fn.__signature__ = _signature(_name, _fn)  # type: ignore[attr-defined]
 
 COMMANDS = ("baseline", "profile", "perturb", "report", "run", "plan", "superweights", "validate", "compare")

@@ -1,7 +1,8 @@
 """Configurations of esa's commands (each run writes its own, resolved, to ``config.json``), their one
 validation (:func:`validate`) and their resolution (:func:`resolve_attention`, :func:`resolve_seq_len`).
 
-The dataclass defaults are the defaults of the command line too: ``cli/options.py`` reads them from here.
+The dataclass defaults are the defaults of the command line and the Python API too: ``esa/options.py`` reads
+them from here.
 Every check of a configuration value lives in this module, so that ``esa <command>``, ``esa run`` and the
 library entry points (``run_profile`` ...) refuse the same input with the same one-line :class:`EsaError`.
 Resolution never mutates its argument: it returns a new configuration (``dataclasses.replace``).
@@ -117,7 +118,7 @@ class PerturbConfig:
 
 @dataclass
 class SuperweightsConfig:
-    """``esa superweights``: activation-spike detection (see :mod:`esa.superweights`)."""
+    """``esa superweights``: activation-spike detection (see :mod:`esa.superweight_detection`)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)  # windows are the input only with max_samples set
@@ -134,7 +135,7 @@ class SuperweightsConfig:
 
 @dataclass
 class ValidateConfig:
-    """``esa validate``: exact single-weight ablations against every metric's prediction (see :mod:`esa.validate`)."""
+    """``esa validate``: exact single-weight ablations against every metric's prediction (see :mod:`esa.metric_validation`)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -153,7 +154,7 @@ class RunbookConfig:
     """``esa run``: every option of the phases it runs (baseline → profile → perturb → report)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(dataset="auto"))  # auto: see esa.runbook
+    data: DataConfig = field(default_factory=lambda: DataConfig(dataset="auto"))  # auto: see esa.commands.run
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     perturb: str | None = None  # None: no perturbation phase
     perturb_scale: float = 1.0
@@ -200,7 +201,7 @@ def validate_data(data: DataConfig) -> None:
 
 
 def validate_selection(sel: SelectionConfig) -> None:
-    """Metric, mode, k, probes, budget and groups (the tensor globs need the model: see esa.profile)."""
+    """Metric, mode, k, probes, budget and groups (the tensor globs need the model: see esa.tensors)."""
     check_metric(sel.metric)
     if sel.mode not in MODES:
         raise EsaError(f"unknown --mode {sel.mode!r}; use per_layer or global")

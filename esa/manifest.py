@@ -118,7 +118,7 @@ class Timer:
 
 def build_manifest(command: str, *, timer: Timer, extra: dict[str, Any], status: str = "complete",
                    planned_peak_bytes: int | None = None) -> dict[str, Any]:
-    """The manifest; ``memory`` holds the measured peak next to the plan's prediction (:mod:`esa.plan`) when given."""
+    """The manifest; ``memory`` holds the measured peak next to the plan's prediction (:mod:`esa.planning`) when given."""
     device = extra.get("model", {}).get("device")
     return {
         "esa_command": command,

@@ -1,6 +1,6 @@
 """Score groups: the scored tensors split into contiguous groups, each scored in its own pass over the windows.
 
-A leaf module (it knows only :class:`~esa.tensors.TensorInfo`), so that both the planner (:mod:`esa.plan`) and
+A leaf module (it knows only :class:`~esa.tensors.TensorInfo`), so that both the planner (:mod:`esa.planning`) and
 the scoring passes (:mod:`esa.scoreselect`) can use it.
 """
 

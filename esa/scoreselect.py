@@ -19,7 +19,7 @@ from esa import tailstats
 from esa.config import ModelConfig, SelectionConfig, resolve_attention, resolve_seq_len
 from esa.errors import EsaError
 from esa.experts import expert_mass
-from esa.plan import planned_groups
+from esa.planning import planned_groups
 from esa.scorescan import scan
 from esa.scoregroups import score_groups, split_groups
 from esa.scoring import ScoreSet, compute_scores, ranking_view

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 # torch is imported where a buffer is summarized, not here: the statistics (describe, tail_fits) need only numpy
-# and scipy, so the worker processes of esa.profile.describe_all start without it.
+# and scipy, so the worker processes of esa.scorestats.describe_all start without it.
 
 SAMPLE = 1 << 16
 MIN_TAIL = 20

@@ -229,30 +229,40 @@ def test_a_model_object_refuses_loading_options():
 @pytest.mark.parametrize("command", ["baseline", "profile", "perturb", "superweights", "validate", "run", "plan",
                                      "report", "compare"])
 def test_options_are_the_command_lines(command):
-    """Same names and defaults as the CLI (list options as their text; out_dir / out default to no files)."""
-    cli_params = {n: p for n, p in inspect.signature(getattr(cli, command)).parameters.items()
+    """The function's keyword arguments are its command's parameters, in the same order with the same defaults, as
+    the two signatures say (what a notebook shows, what typer parses); out_dir / out default to no files."""
+    cli_params = {n: p.default for n, p in inspect.signature(getattr(cli, command)).parameters.items()
                   if n != "json_output"}  # esa plan --json: how to print, not what to plan
-    ours = api.OPTIONS[command]
-    assert list(ours) == list(cli_params)
-    for name, p in cli_params.items():
+    extra = set(api.EXTRA_OPTIONS.get(command, {}))
+    api_params = {n: p.default for n, p in inspect.signature(getattr(esa, command)).parameters.items()
+                  if n not in extra}
+    assert list(api_params) == list(cli_params)
+    for name, default in cli_params.items():
         if name in ("out_dir", "out"):
-            assert ours[name] is None
+            assert api_params[name] is None
         elif name == "run_dirs":
-            continue
+            assert default is inspect.Parameter.empty and api_params[name] is None
         else:
-            assert ours[name] == p.default, name
+            assert api_params[name] == default, name
+    # and the function takes exactly these: an option of the command line is never refused
+    assert set(api.options(command, dict.fromkeys(cli_params, None))) == set(api_params) | extra
 
 
-def test_import_esa_is_light_and_modules_are_callable():
+def test_import_esa_is_light_and_its_commands_are_the_api_functions():
+    """``import esa`` loads no torch; ``esa.profile`` etc. are the esa.api functions, also after their command
+    modules (esa.commands.*) and the library are imported."""
     import subprocess
     import sys
 
-    code = ("import sys, esa; assert 'torch' not in sys.modules, 'torch'; import esa.profile as m; "
-            "assert m is esa.profile and callable(m) and m.run_profile; "
-            "import inspect; assert 'topk' in inspect.signature(esa.profile).parameters; "
-            "assert esa.perturb is __import__('esa.api').api.perturb; print('ok')")
+    code = ("import sys, esa, esa.options; assert 'torch' not in sys.modules, 'torch'; "
+            "assert 'typer' not in sys.modules, 'the option table imports typer'; "
+            "import esa.commands.profile, esa.commands.baseline, esa.commands.run, esa.planning, esa.reporting; "
+            "import esa.api as api; "
+            "assert all(getattr(esa, n) is getattr(api, n) for n in esa.__all__), 'not the API'; "
+            "import inspect; assert 'topk' in inspect.signature(esa.profile).parameters; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.stdout.strip() == "ok", out.stderr
+    assert set(esa.__all__) == set(api.COMMANDS)
 
 
 def test_readme_notebook_example_runs(tmp_path, monkeypatch):

@@ -3,17 +3,16 @@
 
 import json
 import math
-import types
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 import esa.modeling
-import esa.plan
+import esa.planning
 from esa.cli.main import app
 from esa.config import BaselineConfig, DataConfig, ModelConfig, SelectionConfig
-from esa.plan import HEADROOM, CPU_BATCH_SIZE, plan_command, planned_batch_size, with_planned_batch_size
+from esa.planning import HEADROOM, CPU_BATCH_SIZE, plan_command, planned_batch_size, with_planned_batch_size
 
 SEL = SelectionConfig(metric="grad_x_weight")
 
@@ -60,13 +59,13 @@ def test_esa_plan_reports_the_same_batch_size():
 def test_on_a_faked_gpu_the_batch_comes_from_its_total_memory(monkeypatch):
     memory = math.ceil(_peak(3) / HEADROOM) + 1
     monkeypatch.setattr(esa.modeling, "resolve_device", lambda device: torch.device("cuda"))
-    monkeypatch.setattr(esa.plan, "device_total_memory", lambda device: memory)
+    monkeypatch.setattr(esa.planning, "device_total_memory", lambda device: memory)
     assert with_planned_batch_size(ModelConfig(), SEL, _data(), command="profile").batch_size == 3
 
 
 def test_a_run_without_batch_size_records_it_and_a_rerun_is_the_same_configuration(tmp_path):
-    from esa.baseline import run_baseline
-    from esa.runbook import RunbookConfig, phase_configs, resolve, same_finished_run
+    from esa.commands.baseline import run_baseline
+    from esa.commands.run import RunbookConfig, phase_configs, resolve, same_finished_run
 
     out = tmp_path / "run"
     cfg = resolve(RunbookConfig(model=ModelConfig(device="cpu"), data=DataConfig(max_samples=2), out_dir=str(out)))

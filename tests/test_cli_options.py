@@ -1,5 +1,5 @@
-"""Options declared once (cli/options.py), flags as --flag/--no-flag, `esa run` taking every phase's options,
-and one validation of every configuration (esa.config.validate)."""
+"""Options declared once (esa/options.py; cli/options.py makes them Typer options), flags as --flag/--no-flag,
+`esa run` taking every phase's options, and one validation of every configuration (esa.config.validate)."""
 
 import ast
 import os
@@ -11,7 +11,6 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from esa.cli import options as o
 from esa.cli.main import app, runbook_app
 from esa.config import (HESSIAN_BUDGET, DataConfig, ModelConfig, PerturbConfig, ProfileConfig, RunbookConfig,
                         SelectionConfig, ValidateConfig, resolve_attention, validate)
@@ -86,9 +85,9 @@ def test_help_is_grouped_into_panels():
 @pytest.fixture
 def captured(monkeypatch):
     """Run a phase command up to its library call, and keep the configuration it would have run."""
-    import esa.baseline
-    import esa.profile
-    import esa.runbook
+    import esa.commands.baseline
+    import esa.commands.profile
+    import esa.commands.run
 
     seen = []
 
@@ -96,7 +95,8 @@ def captured(monkeypatch):
         seen.append(config)
         raise EsaError("captured")
 
-    for module, name in ((esa.baseline, "run_baseline"), (esa.profile, "run_profile"), (esa.runbook, "run_runbook")):
+    for module, name in ((esa.commands.baseline, "run_baseline"), (esa.commands.profile, "run_profile"),
+                         (esa.commands.run, "run_runbook")):
         monkeypatch.setattr(module, name, capture)
     return seen
 
@@ -120,7 +120,7 @@ def test_defaults_come_from_the_configuration(captured):
 
 
 def test_esa_run_hands_every_option_to_its_phases(captured):
-    from esa.runbook import phase_configs, resolve
+    from esa.commands.run import phase_configs, resolve
 
     result = runner.invoke(app, [
         "run", "--revision", "main", "--no-trust-remote-code", "--attn-implementation", "sdpa", "--include-biases",
@@ -144,16 +144,18 @@ def test_esa_run_hands_every_option_to_its_phases(captured):
 
 
 def test_every_option_is_declared_once():
-    declared = [v for v in vars(o).values() if isinstance(v, o.Opt)]
-    o.check_unique(declared)  # no two declarations share a flag or a parameter name
+    from esa import options as library
+
+    declared = [v for v in vars(library).values() if isinstance(v, library.Opt)]
+    library.check_unique(declared)  # no two declarations share a flag or a parameter name
     tree = ast.parse((REPO / "cli" / "main.py").read_text())
     inline = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
               and n.func.attr in ("Option", "Argument")]
-    assert not inline, f"cli/main.py declares options itself (lines {inline}); declare them in cli/options.py"
+    assert not inline, f"cli/main.py declares options itself (lines {inline}); declare them in esa/options.py"
     by_flag = {f: d for d in declared for f in d.long_flags}
     for path, cmd in commands():
         for flag in flags(cmd) - {"--version"}:
-            assert flag in by_flag, f"esa {' '.join(path)} {flag} is not declared in cli/options.py"
+            assert flag in by_flag, f"esa {' '.join(path)} {flag} is not declared in esa/options.py"
 
 
 def test_tiny_train_defaults_are_the_recipe():
@@ -193,7 +195,7 @@ def test_esa_run_refuses_bad_values_before_loading_anything(tmp_path):
 
 def test_resolution_returns_a_new_configuration_and_leaves_the_callers():
     from esa.scoreselect import open_for_selection
-    from esa.runbook import resolve
+    from esa.commands.run import resolve
 
     model, data = ModelConfig(device="cpu"), DataConfig(max_samples=2, batch_size=2)
     # hessian_diag's double backward needs eager attention (hutchinson_diag/obd run forward-over-reverse on SDPA)

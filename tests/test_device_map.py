@@ -183,7 +183,7 @@ def test_score_groups_of_a_split_model_fit_every_gpu(monkeypatch):
     """With CUDA mocked: a split model gets the fewest score groups with which each GPU's share fits."""
     from types import SimpleNamespace
 
-    from esa.plan import planned_groups
+    from esa.planning import planned_groups
 
     model = random_model("llama")
     model.hf_device_map = {"model": 0, "lm_head": 1}

@@ -56,14 +56,14 @@ def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> str:
+    import esa.commands.profile
     import esa.distributed
     import esa.evaluate
-    import esa.profile
     import esa.scoring
     import esa.trials
 
     path = tmp_path_factory.mktemp("text") / "docstrings.txt"
-    path.write_text("\n\n".join(m.__doc__ for m in (esa.scoring, esa.evaluate, esa.trials, esa.profile,
+    path.write_text("\n\n".join(m.__doc__ for m in (esa.scoring, esa.evaluate, esa.trials, esa.commands.profile,
                                                       esa.distributed)))
     return str(path)
 

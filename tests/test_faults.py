@@ -57,7 +57,7 @@ def test_full_disk_is_one_line_leaves_no_partial_file_and_no_finished_run(model_
 
 def test_full_disk_while_writing_a_report(model_dir, tmp_path, monkeypatch):
     from esa.errors import EsaError
-    from esa.report.build import write_report
+    from esa.reporting.build import write_report
 
     runs = tmp_path / "runs"
     assert runner.invoke(app, ["baseline", "--model", str(model_dir), *FAST, "--out-dir", str(runs / "b")]).exit_code == 0
@@ -117,7 +117,7 @@ def test_ctrl_c_during_perturb_restores_the_weights_and_the_run_resumes(model_di
     from esa.config import DataConfig, PerturbConfig, SelectionConfig
     from esa.fingerprint import model_fingerprint
     from esa.runio import read_json, read_jsonl
-    from esa.trials import run_perturb
+    from esa.commands.perturb import run_perturb
 
     data = DataConfig(seq_len=32, max_samples=4, batch_size=4, text_file=TEXT)
     config = PerturbConfig(data=data, selection=SelectionConfig(metric="magnitude", mode="global", topk=3),
@@ -126,7 +126,7 @@ def test_ctrl_c_during_perturb_restores_the_weights_and_the_run_resumes(model_di
     before = model_fingerprint(session.loaded.model)
     # Interrupt the 4th evaluation: the baseline and two evaluated trials are done (trials that reuse an earlier
     # identical set's result need no evaluation), the third is inside its perturbation.
-    _interrupt_on_call(monkeypatch, "esa.trials.evaluate", 4)
+    _interrupt_on_call(monkeypatch, "esa.commands.perturb.evaluate", 4)
     with pytest.raises(KeyboardInterrupt):
         run_perturb(config, session=session)
     assert model_fingerprint(session.loaded.model) == before  # restored on the way out
@@ -146,7 +146,7 @@ def test_ctrl_c_during_profile_leaves_it_clearly_unfinished(model_dir, tmp_path,
 
     out = tmp_path / "run"
     hooked_session = {}
-    import esa.profile as profile
+    import esa.commands.profile as profile
 
     real_open = profile.open_for_selection
 
@@ -155,7 +155,7 @@ def test_ctrl_c_during_profile_leaves_it_clearly_unfinished(model_dir, tmp_path,
         return hooked_session["s"]
 
     monkeypatch.setattr(profile, "open_for_selection", remember)
-    _interrupt_on_call(monkeypatch, "esa.profile.write_weights", 2)  # mid-way through writing the results
+    _interrupt_on_call(monkeypatch, "esa.commands.profile.write_weights", 2)  # mid-way through writing the results
     result = runner.invoke(app, ["profile", "--model", str(model_dir), *FAST, "--metric", "grad_x_weight", "--topk",
                                  "3", "--out-dir", str(out)])
     assert result.exit_code == 130 and "interrupted" in result.output

@@ -145,10 +145,32 @@ def test_cycle_finder_reports_a_closed_path():
 
 def test_every_module_is_parsed():
     graph = import_graph()
-    assert {"esa.profile", "esa.cli.main", "esa.kernels.dispatch", "esa.report.build"} <= set(graph)
-    assert "esa.runio" in graph["esa.baseline"]
+    assert {"esa.commands.profile", "esa.cli.main", "esa.kernels.dispatch", "esa.reporting.build"} <= set(graph)
+    assert "esa.runio" in graph["esa.commands.baseline"]
 
 
 def test_no_import_cycles():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles:\n" + "\n".join(" → ".join(c) for c in cycles)
+
+
+def commands_importers(graph: dict[str, set[str]]) -> list[str]:
+    """Modules that import the command modules (esa.commands.*) but are neither esa.api, a command, nor the CLI:
+    the library must not depend on its commands (library → commands → api → cli)."""
+    allowed = ("esa.api", "esa.commands", "esa.cli")
+    return sorted(m for m, deps in graph.items()
+                  if not any(m == a or m.startswith(a + ".") for a in allowed)
+                  and any(d == "esa.commands" or d.startswith("esa.commands.") for d in deps))
+
+
+def test_the_finder_of_command_importers_finds_them():
+    graph = {"esa.trials": {"esa.commands.perturb"}, "esa.api": {"esa.commands.profile"},
+             "esa.commands.run": {"esa.commands.profile"}, "esa.cli.main": {"esa.commands"}, "esa.scoring": set()}
+    assert commands_importers(graph) == ["esa.trials"]
+
+
+def test_only_the_api_and_the_cli_import_the_commands():
+    graph = import_graph()
+    assert {"esa.commands.perturb", "esa.commands.run"} <= set(graph)
+    offenders = commands_importers(graph)
+    assert not offenders, f"library modules importing esa.commands: {offenders}"

@@ -305,7 +305,7 @@ def test_every_perturbation_runs_on_the_tiny_mixtral_with_controls(profiles, mix
 
 
 def test_report_has_a_per_expert_section(profiles, tmp_path):
-    from esa.report.build import write_report
+    from esa.reporting.build import write_report
     from esa.runio import read_json
 
     runs = [profiles[m][1] for m in ("grad_x_weight", "hessian_diag")]

@@ -1,7 +1,6 @@
 """What a new user meets first (issue 12): readable files, truthful records, tables that read at 80 columns and in
 logs, a report that refuses to be replaced silently, `esa --version`, and an installation that leaves no litter."""
 
-import json
 import os
 import re
 import stat
@@ -54,14 +53,14 @@ def test_json_floats_are_rounded_in_one_place_but_trials_keep_full_precision(tmp
 
 
 def test_table_numbers_keep_one_precision_in_a_column():
-    from esa.report.tables import fmt
+    from esa.reporting.tables import fmt
 
     assert [fmt(30.0), fmt(71.1111), fmt(0.5), fmt(30), fmt(2042.4)] == ["30.00", "71.11", "0.5000", "30", "2042"]
 
 
 # ----------------------------------------------------------------------------------------------- 3. report overwrite
 def test_report_refuses_to_replace_a_report_without_overwrite(tmp_path):
-    from esa.report.build import check_report_dir
+    from esa.reporting.build import check_report_dir
 
     out = tmp_path / "rep"
     out.mkdir()

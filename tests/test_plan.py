@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from esa.cli.main import app
 from esa.errors import EsaError
-from esa.plan import GiB, HEADROOM, PARTS, ModelShape, Workload, parse_size, plan, score_parts
+from esa.planning import GiB, HEADROOM, PARTS, ModelShape, Workload, parse_size, plan, score_parts
 from esa.tensors import TensorInfo
 from helpers import REPO, SHARED
 
@@ -158,7 +158,7 @@ def test_a_batch_size_that_cannot_fit_the_gpu_is_refused_before_loading(monkeypa
 
     import esa.modeling
     from esa.config import DataConfig, ModelConfig, SelectionConfig
-    from esa.plan import refuse_if_it_cannot_fit
+    from esa.planning import refuse_if_it_cannot_fit
 
     monkeypatch.setattr(esa.modeling, "resolve_device", lambda device: torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(

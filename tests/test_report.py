@@ -6,8 +6,8 @@ import math
 from typer.testing import CliRunner
 
 from esa.cli.main import app
-from esa.report import checklist as cl
-from esa.report.tables import Table, fmt, latex_escape, to_latex, to_markdown
+from esa.reporting import checklist as cl
+from esa.reporting.tables import Table, fmt, latex_escape, to_latex, to_markdown
 
 runner = CliRunner()
 
@@ -187,7 +187,7 @@ def fake_baseline_run(run_dir, ppl=10.0):
 
 
 def test_collect_labels_and_keys_are_unique(tmp_path, monkeypatch):
-    from esa.report.collect import collect
+    from esa.reporting.collect import collect
 
     for name in ("x-y", "x_y"):
         fake_baseline_run(tmp_path / "runs" / name)

@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from esa.cli.main import app
-from esa.report import checklist as cl
+from esa.reporting import checklist as cl
 from esa.runio import read_json
 from helpers import REPO
 
@@ -209,7 +209,7 @@ def test_report_over_all_nine_matches_the_run_files(nine, tmp_path):
 
     # Every checklist row appears in the HTML with its value and status.
     page = (tmp_path / "rep" / "report.html").read_text()
-    from esa.report.tables import fmt
+    from esa.reporting.tables import fmt
 
     for c in checklist["criteria"]:
         shown = c["value"] if isinstance(c["value"], str) else fmt(c["value"])

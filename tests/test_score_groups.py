@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from esa.config import DataConfig, ModelConfig, ProfileConfig, SelectionConfig
-from esa.profile import run_profile
+from esa.commands.profile import run_profile
 from esa.scoregroups import split_groups
 from esa.scorefile import ScoreFile
 from esa.tensors import TensorInfo

@@ -13,7 +13,7 @@ import pytest
 from scipy import stats as sps
 
 from esa import setstats as ss
-from esa.report import checklist as cl
+from esa.reporting import checklist as cl
 from esa.stats import Trial, summarize_trials
 
 N_SETS = 39

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from esa.cli.main import app
-from esa.superweights import detect, down_projections, mediation, recording
+from esa.superweight_detection import detect, down_projections, mediation, recording
 from helpers import random_model, small_config
 
 runner = CliRunner()

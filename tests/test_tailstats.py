@@ -142,10 +142,10 @@ def test_normal_log_density_and_tail_are_scipys_bit_for_bit():
 
 
 def test_fits_in_worker_processes_are_the_same_floats(rng):
-    """esa.profile.describe_all spreads the fits over spawned processes for many tensors: same results."""
+    """esa.scorestats.describe_all spreads the fits over spawned processes for many tensors: same results."""
     import json
 
-    from esa.profile import describe_all
+    from esa.scorestats import describe_all
 
     summaries = [tailstats.summarize(torch.from_numpy(rng.lognormal(0, s, 20_000)).float(), 1000, seed=1)
                  for s in (0.5, 1.0, 2.0, 3.0)]

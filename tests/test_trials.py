@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from esa.cli.main import app
 from esa.config import DataConfig, ModelConfig, PerturbConfig, SelectionConfig
 from esa.errors import EsaError
-from esa.trials import run_perturb
+from esa.commands.perturb import run_perturb
 from helpers import REPO, planted_super_weight_model, random_model, save_model
 
 runner = CliRunner()
@@ -136,7 +136,7 @@ def test_sigkilled_run_resumes_to_the_same_results(planted_dir, tmp_path):
 
 def test_from_profile_reuses_the_profile_selection(planted_dir, tmp_path):
     from esa.config import ProfileConfig
-    from esa.profile import run_profile
+    from esa.commands.profile import run_profile
 
     model_dir, info = planted_dir
     prof = ProfileConfig(model=ModelConfig(model=str(model_dir)), data=DataConfig(**DATA),
@@ -155,7 +155,7 @@ def test_stability_check_reselects_per_seed_as_profile_does(planted_dir, tmp_pat
     """perturb --stability-check re-selects the top-k on each seed's subset of windows: the same sets as
     profile --stability-check with the same selection and seeds, and their Jaccard in results.json."""
     from esa.config import ProfileConfig
-    from esa.profile import run_profile
+    from esa.commands.profile import run_profile
 
     model_dir, _ = planted_dir
     sel = SelectionConfig(metric="grad_squared", mode="global", topk=6)
@@ -185,7 +185,7 @@ def _stories_config(out_dir, **kw) -> PerturbConfig:
 
 def _checklist(label: str, results: dict, config: PerturbConfig):
     from esa.config import to_dict
-    from esa.report import checklist as cl
+    from esa.reporting import checklist as cl
 
     rows = cl.apply_holm(cl.perturb_criteria(label, results, to_dict(config)))
     return {c.name: c for c in rows}, cl

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from esa.cli.main import app
 from esa.tensors import TensorInfo
-from esa.validate import metric_figures, precision_at_k, stratified_sample
+from esa.metric_validation import metric_figures, precision_at_k, stratified_sample
 from helpers import STORIES260K, TINYSTORIES_VAL
 
 runner = CliRunner()

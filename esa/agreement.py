@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats as sps
 
-from esa.callmodule import make_callable
 from esa.errors import EsaError
-from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, is_finished, read_json
+from esa.runio import MANIFEST, is_finished, read_json
 from esa.scoring import SIGNED
 from esa.selection import WeightSet, jaccard, overlap_at_k
 from esa.weightsfile import read_weights
@@ -108,14 +107,3 @@ def compare_runs(run_dirs: list[Path]) -> dict:
             "labels": labels, "overlap_at_k": overlap.tolist(), "jaccard": jac.tolist(), "spearman": rho.tolist(),
             "pairs": pairs,
             "mean_overlap_at_k": float(np.mean([p["overlap_at_k"] for p in pairs]))}
-
-
-def write_comparison(result: dict, out_dir: Path) -> None:
-    out_dir = Path(out_dir)
-    atomic_write_json(out_dir / "compare.json", result)
-    for key in ("overlap_at_k", "jaccard", "spearman"):
-        rows = [[label, *[f"{v:.6g}" for v in row]] for label, row in zip(result["labels"], result[key])]
-        atomic_write_csv(out_dir / f"{key.split('_')[0]}.csv", ["run", *result["labels"]], rows)
-
-
-make_callable(__name__)  # esa.compare(...) is esa.api.compare (see esa.callmodule)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from esa.callmodule import make_callable
 from esa.errors import EsaError
 from esa.scoring import needs_double_backward, uses_hvp
 from esa.tensors import TensorInfo
@@ -286,7 +285,7 @@ def plan(shape: ModelShape, w: Workload, device_memory: int) -> Plan:
         f"= {flops_per_token(shape, w) / 1e9:.1f} GFLOP; forward+backward 3×",
         f"throughput {(GPU_FLOPS if w.device == 'cuda' else CPU_FLOPS) / 1e12:.1f} TFLOP/s effective ({w.device}); "
         f"metric cost {score_factor(w):.2f}× a forward+backward",
-        f"{'eager' if w.attention == 'eager' else 'SDPA'} attention; activations per the esa.plan docstring; "
+        f"{'eager' if w.attention == 'eager' else 'SDPA'} attention; activations per the esa.planning docstring; "
         f"{HEADROOM:.0%} of the device usable",
         "planned until measured: see bench/RESULTS.md",
     ]
@@ -571,6 +570,3 @@ def plan_split(shape: ModelShape, model_cfg, w: Workload, device_memory: int) ->
                  "its share of the weights; the logits sit on the output head's device; the single-device plan "
                  "above is the whole model on one device")
     return lines, fits, reason
-
-
-make_callable(__name__)  # esa.plan(...) is esa.api.plan (see esa.callmodule)

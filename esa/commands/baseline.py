@@ -10,13 +10,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from esa import distributed
-from esa.callmodule import make_callable
 from esa.config import BaselineConfig, resolve_seq_len, to_dict, validate
 from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate, leak_warnings, require_finite
 from esa.manifest import Timer, build_manifest
 from esa.modeling import LoadedModel
-from esa.plan import with_planned_batch_size
+from esa.planning import with_planned_batch_size
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, begin_run, prepare_run_dir
 from esa.session import Session, open_session
 from esa.windows import Windows
@@ -92,6 +91,3 @@ def run_baseline(config: BaselineConfig, *, command: str = "baseline", session: 
     atomic_write_json(out_dir / MANIFEST, build_manifest(command, timer=timer, extra=session.describe()))
     distributed.barrier()  # rank 0's files are complete before any rank goes on
     return BaselineRun(out_dir=out_dir, result=result, metrics=metrics, session=session)
-
-
-make_callable(__name__)  # esa.baseline(...) is esa.api.baseline (see esa.callmodule)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esa.report.collect import Run
-from esa.report.tables import Table, fmt
+from esa.reporting.collect import Run
+from esa.reporting.tables import Table, fmt
 from esa.runio import read_csv_rows
 
 ROWS = 10

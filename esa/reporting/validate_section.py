@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from esa.report.collect import Run
-from esa.report.tables import Table, fmt
+from esa.reporting.collect import Run
+from esa.reporting.tables import Table, fmt
 
 TITLE = "Which metric predicts the true effect?"
 

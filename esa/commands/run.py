@@ -74,9 +74,9 @@ def resolve(cfg: RunbookConfig) -> RunbookConfig:
     """``cfg`` with what loading the model would decide filled in, so that a rerun compares like with like
     before loading it: the dataset (``auto``), the default sequence length (from the model's config alone),
     eager attention for second-order metrics and the batch size from the plan
-    (:func:`esa.plan.with_planned_batch_size`). ``cfg`` itself is not changed."""
+    (:func:`esa.planning.with_planned_batch_size`). ``cfg`` itself is not changed."""
     from esa.modeling import model_context
-    from esa.plan import with_planned_batch_size
+    from esa.planning import with_planned_batch_size
 
     m = cfg.model
     data = replace(cfg.data, dataset=resolve_dataset(cfg.data.dataset, m.model, cfg.data.text_file))
@@ -110,10 +110,11 @@ def run_runbook(cfg: RunbookConfig, *, announce: Callable[[str], None] = print,
 
     ``announce`` gets a line as each phase starts, ``finished(phase, result)`` each phase's result as it ends (so
     that what is printed about a phase follows its announcement)."""
-    from esa.baseline import run_baseline
-    from esa.profile import open_for_selection, run_profile
-    from esa.report import write_report
-    from esa.trials import run_perturb
+    from esa.commands.baseline import run_baseline
+    from esa.commands.profile import run_profile
+    from esa.reporting import write_report
+    from esa.scoreselect import open_for_selection
+    from esa.commands.perturb import run_perturb
 
     validate(cfg)
     cfg = resolve(cfg)

@@ -5,7 +5,7 @@ Written into ``--out`` (atomically, file by file):
 - ``report.md`` with ``figures/*.png`` beside it, for a repository or a notebook;
 - ``figures/*.png`` and ``figures/*.pdf`` (vector, for a paper);
 - ``tables.tex``: every table as a LaTeX ``table`` (needs ``\\usepackage{booktabs,graphicx}``);
-- ``checklist.json``: the evidence checklist (:mod:`esa.report.checklist`) with each measured value;
+- ``checklist.json``: the evidence checklist (:mod:`esa.reporting.checklist`) with each measured value;
 - ``report.json``: the runs read, the cross-metric comparison and the checklist counts.
 """
 
@@ -17,10 +17,10 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from esa.report import checklist as cl
-from esa.report.collect import Collection, Run, collect
-from esa.report.experts_section import experts_figures, experts_table
-from esa.report.tables import Table, fmt, to_html, to_latex, to_markdown
+from esa.reporting import checklist as cl
+from esa.reporting.collect import Collection, Run, collect
+from esa.reporting.experts_section import experts_figures, experts_table
+from esa.reporting.tables import Table, fmt, to_html, to_latex, to_markdown
 from esa.errors import EsaError
 from esa.runio import atomic_write_json, atomic_write_text, check_writable, read_csv_rows
 from esa.weightsfile import top_location_rows
@@ -37,13 +37,13 @@ def _comparable_selection(run: Run) -> str:
 
 
 def cross_metric(profiles: list[Run]) -> dict | None:
-    """Agreement of the top-k sets of different metrics (esa.compare), over comparable runs only.
+    """Agreement of the top-k sets of different metrics (esa.agreement), over comparable runs only.
 
     Profile runs are grouped by model, data and selection settings other than the metric; the group with the
     most metrics is compared, one run per metric (the first by label), so repeated runs of one metric do not
     weigh the mean. None when no group has two metrics.
     """
-    from esa.compare import compare_runs
+    from esa.agreement import compare_runs
 
     groups: dict[str, dict[str, Run]] = defaultdict(dict)
     for r in sorted(profiles, key=lambda r: r.label):
@@ -257,7 +257,7 @@ def make_figures(col: Collection, comparison: dict | None, fig_dir: Path) -> lis
                           fig_dir / "overlap_matrix")
         figures.append(("Cross-metric overlap@k matrix", fig_dir / "overlap_matrix.png"))
     if col.of("validate"):
-        from esa.report.validate_section import validate_figures
+        from esa.reporting.validate_section import validate_figures
 
         figures += validate_figures(col.of("validate"), fig_dir)
     for r in col.of("perturb"):
@@ -293,7 +293,7 @@ def _sections(col: Collection, comparison: dict | None, criteria: list[cl.Criter
     if col.of("perturb"):
         sections.append(("Perturbations", [perturb_table(col.of("perturb")), tests_table(col.of("perturb"))]))
     if col.of("validate"):
-        from esa.report.validate_section import TITLE, validate_table
+        from esa.reporting.validate_section import TITLE, validate_table
 
         sections.append((TITLE, [validate_table(r) for r in col.of("validate")]))
     sections.append(("Environment", [environment_table(col)]))

@@ -1,0 +1,140 @@
+"""Statistics of a profile's scores and of its selection: what ``esa profile`` writes besides the weights.
+
+- :func:`score_statistics`: per scored tensor, per component and for the whole model, the heavy-tail statistics
+  of :mod:`esa.tailstats` (``tensor_stats.csv`` rows in :data:`STATS_COLUMNS`, ``score_stats.json``); the fits
+  run in worker processes when there are many (:func:`describe_all`);
+- :func:`location_table`: per (layer, component), the top-k count, its share of the top-k and the share of the
+  score mass (``locations.csv``), and the share of the top-k in the embeddings and the LM head;
+- :func:`experts_table`: the same per (layer, expert) of a mixture of experts (``experts.csv``, :mod:`esa.experts`);
+- :func:`bottom_k_record`, :func:`top1_record`: how bottom-k was chosen and where the top-1 weight is
+  (``metrics.json``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+
+from esa import tailstats
+from esa.experts import expert_rows
+from esa.scoreselect import MIN_TAIL_VALUES, Selection
+from esa.selection import WeightSet
+from esa.tensors import TensorInfo
+
+STATS_COLUMNS = ("numel", "zeros", "mean", "std", "max", "max_over_mean", "q50", "q90", "q99", "q999", "gini",
+                 "excess_kurtosis", "topk", "topk_mass_share", "tail_m", "hill_alpha", "best_fit",
+                 "R_powerlaw_vs_exponential", "p_powerlaw_vs_exponential", "R_powerlaw_vs_lognormal",
+                 "p_powerlaw_vs_lognormal", "stretched_exp_beta", "p_stretched_exp_vs_exponential",
+                 "heavier_than_exponential")
+EDGE_COMPONENTS = ("embed", "lm_head")
+
+
+def _group_key(t: TensorInfo) -> str:
+    return t.component
+
+
+STATISTICS_WORKERS_MIN_TENSORS = 64  # below this many distributions the fits run in this process
+
+
+def statistics_workers(n: int) -> int:
+    """Worker processes for ``n`` tail fits: one per available core, none for fewer than
+    :data:`STATISTICS_WORKERS_MIN_TENSORS` (starting a worker costs about what a few dozen fits do)."""
+    if n < STATISTICS_WORKERS_MIN_TENSORS:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, n // 8) if cores > 1 else 0
+
+
+def describe_all(summaries: list[tailstats.TensorSummary], k: int, *, workers: int | None = None,
+                 fallback: bool = True) -> list[dict]:
+    """:func:`esa.tailstats.describe` of each summary, in order. The fits (a Nelder–Mead lognormal and a bounded
+    stretched-exponential maximum likelihood per distribution) are what the statistics phase costs, so with many
+    distributions they run in ``workers`` spawned processes (default :func:`statistics_workers`); each is a pure
+    function of its summary, so the results are the same floats either way. A pool that cannot start falls back
+    to this process (``fallback=False``: the error is raised)."""
+    workers = statistics_workers(len(summaries)) if workers is None else workers
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                return list(pool.map(tailstats.describe, summaries, itertools.repeat(k),
+                                     chunksize=max(1, len(summaries) // (4 * workers))))
+        except (OSError, BrokenProcessPool):
+            if not fallback:
+                raise
+    return [tailstats.describe(s, k) for s in summaries]
+
+
+def score_statistics(selection: Selection, k: int, *, workers: int | None = None) -> tuple[dict, list[tuple]]:
+    """(score_stats.json content, tensor_stats.csv rows); the tail fits through :func:`describe_all`."""
+    tail = max(k, MIN_TAIL_VALUES)
+    components: dict[str, list[tailstats.TensorSummary]] = {}
+    for t in selection.tensors:
+        components.setdefault(_group_key(t), []).append(selection.summaries[t.name])
+    pooled = [tailstats.combine(list(selection.summaries.values()), tail=tail)]
+    pooled += [tailstats.combine(s, tail=tail) for s in components.values()]
+    described = describe_all([selection.summaries[t.name] for t in selection.tensors] + pooled, k, workers=workers)
+    per_tensor = {}
+    rows = []
+    for t, d in zip(selection.tensors, described):
+        per_tensor[t.name] = d
+        rows.append((t.name, "" if t.layer is None else t.layer, t.component, *[d.get(c, "") for c in STATS_COLUMNS]))
+    model_wide = described[len(selection.tensors)]
+    per_component = dict(zip(components, described[len(selection.tensors) + 1:]))
+    return {"model": model_wide, "components": per_component, "tensors": per_tensor}, rows
+
+
+def location_table(selection: Selection) -> tuple[list[tuple], dict]:
+    """Rows (layer, component, topk_count, topk_share, score_mass_share) and a summary of edge components."""
+    info = {t.name: t for t in selection.tensors}
+    counts: dict[tuple, int] = {}
+    for name in selection.top.tensor:
+        key = (info[name].layer, info[name].component)
+        counts[key] = counts.get(key, 0) + 1
+    mass: dict[tuple, float] = {}
+    for t in selection.tensors:
+        key = (t.layer, t.component)
+        mass[key] = mass.get(key, 0.0) + (selection.summaries[t.name].total if selection.summaries else 0.0)
+    total_mass = sum(mass.values()) or 1.0
+    n_top = max(1, len(selection.top))
+    keys = sorted(set(counts) | set(mass), key=lambda k: (-1 if k[0] is None else k[0], k[1]))
+    rows = [("" if layer is None else layer, comp, counts.get((layer, comp), 0), counts.get((layer, comp), 0) / n_top,
+             mass.get((layer, comp), 0.0) / total_mass) for layer, comp in keys]
+    edge = {c: sum(v for (l, comp), v in counts.items() if comp == c) / n_top for c in EDGE_COMPONENTS}
+    tensors_hit = len(set(selection.top.tensor))
+    top_tensor_share = max(selection.top.counts().values()) / n_top if len(selection.top) else 0.0
+    return rows, {"topk_share_embed": edge["embed"], "topk_share_lm_head": edge["lm_head"],
+                  "tensors_with_topk": tensors_hit, "largest_single_tensor_share": top_tensor_share}
+
+
+def experts_table(selection: Selection) -> list[tuple]:
+    """experts.csv rows (:mod:`esa.experts`): per (layer, expert), top-k count and score mass; empty without
+    expert tensors."""
+    totals = {n: s.total for n, s in selection.summaries.items()}
+    return expert_rows(selection.tensors, selection.top.tensor, selection.top.flat_index, totals,
+                       selection.expert_mass)
+
+
+def bottom_k_record(bottom: WeightSet) -> dict:
+    """How bottom_k was chosen: its size, and how many unused (zero-score) weights it left out (None when
+    ``--bottom-k-include-unused`` let it pick them)."""
+    return {"selected": len(bottom), "unused_left_out": bottom.meta.get("unused_left_out"),
+            "include_unused": "unused_left_out" not in bottom.meta}
+
+
+def top1_record(ws: WeightSet, tensors: list[TensorInfo]) -> dict | None:
+    """The first weight of ``ws`` (the top-1 of a top-k): tensor, layer, component, expert, row, col, flat index and
+    score; None for an empty set."""
+    if not len(ws):
+        return None
+    info = {t.name: t for t in tensors}[ws.tensor[0]]
+    c = info.coordinates(torch.tensor([int(ws.flat_index[0])]))
+    expert = int(c["expert"][0]) if c["expert"] is not None else info.expert
+    return {"tensor": ws.tensor[0], "layer": info.layer, "component": info.component, "expert": expert,
+            "row": int(c["row"][0]), "col": None if c["col"] is None else int(c["col"][0]),
+            "flat_index": int(ws.flat_index[0]), "score": float(ws.score[0])}
