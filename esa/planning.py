@@ -513,7 +513,30 @@ def split_model_groups(model, scored: list[TensorInfo], **workload) -> int:
     return n
 
 
-def plan_split(shape: ModelShape, model_cfg, w: Workload, device_memory: int) -> tuple[list[str], bool, str | None]:
+@dataclass
+class SplitPlan:
+    """The plan of a model split across devices (:func:`plan_split`)."""
+
+    lines: list[str]  # as ``esa plan`` prints them
+    fits: bool
+    reason: str | None
+    score_groups: int
+    batch_size: int
+    devices: dict[str, dict]  # per device: weight_bytes, peak_bytes, limit_bytes (None for host memory)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The largest GPU's peak (the host's when no GPU holds weights)."""
+        gpus = [d["peak_bytes"] for name, d in self.devices.items() if name.startswith("cuda")]
+        return max(gpus or [d["peak_bytes"] for d in self.devices.values()])
+
+    def as_dict(self) -> dict:
+        return {"fits": self.fits, "reason": self.reason, "peak_bytes": self.peak_bytes,
+                "score_groups": self.score_groups, "batch_size": self.batch_size, "devices": self.devices,
+                "lines": self.lines}
+
+
+def plan_split(shape: ModelShape, model_cfg, w: Workload, device_memory: int) -> SplitPlan:
     """Per-device peaks of a model split with ``--device-map`` (see :mod:`esa.placement`): the device map is the
     one accelerate makes (or the FILE.json), each device's weights are summed from it, and each phase's parts
     are shared as its weights are — device d with share f_d of the weights holds
@@ -523,7 +546,7 @@ def plan_split(shape: ModelShape, model_cfg, w: Workload, device_memory: int) ->
     the activations following the layers it holds (their share of the weights). A GPU's limit is its
     ``--max-memory`` entry, else ``device_memory``; CPU and disk entries are the host's and are not checked, but
     with a GPU they offload, which the gradient metrics refuse. Score groups (unless given) are the fewest with
-    which every GPU fits, at batch size 1 unless given. Returns (lines, fits, reason)."""
+    which every GPU fits, at batch size 1 unless given."""
     import dataclasses
 
     from esa.modeling import DTYPES, meta_model
@@ -556,9 +579,12 @@ def plan_split(shape: ModelShape, model_cfg, w: Workload, device_memory: int) ->
         if all(peaks[d] <= limit * HEADROOM for d, limit in limits.items()):
             break
     lines.append(f"  per device at batch size {p.batch_size}, score groups {p.score_groups}:")
+    devices = {}
     for d, weights in per_device.items():
         share, peak = weights / total, peaks[d]
         limit = limits.get(d)
+        devices[d] = {"weight_bytes": int(weights), "peak_bytes": int(peak),
+                      "limit_bytes": None if limit is None else int(limit)}
         status = "host memory, not checked" if limit is None else (
             f"of {limit / GiB:.1f} GiB: {'fits' if peak <= limit * HEADROOM else 'does NOT fit'}")
         lines.append(f"  {d:<8} weights {weights / GiB:8.2f} GiB ({share:.0%}); peak ≈ {peak / GiB:.2f} GiB "
@@ -569,4 +595,4 @@ def plan_split(shape: ModelShape, model_cfg, w: Workload, device_memory: int) ->
     lines.append("assumption: per device, each phase's weights, scores, gradients, probes and activations follow "
                  "its share of the weights; the logits sit on the output head's device; the single-device plan "
                  "above is the whole model on one device")
-    return lines, fits, reason
+    return SplitPlan(lines, fits, reason, p.score_groups, p.batch_size, devices)

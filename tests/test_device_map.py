@@ -359,8 +359,13 @@ def test_plan_per_device_for_mixtral_on_two_gpus(tmp_path):
                 if l.startswith("esa plan ") and "--device-map" in l)
     result = run(*[MIXTRAL if a == "$M" else a for a in shlex.split(line)[1:]], "--json")
     assert result.exit_code == 0, result.output
-    split = json.loads(result.output)["device_map"]
+    planned = json.loads(result.output)
+    split = planned["device_map"]
     assert split["fits"] and split["reason"] is None
+    # the top-level figures are the split's (the whole model on one GPU would not fit: "single_device")
+    assert planned["fits"] and not planned["single_device"]["fits"]
+    assert planned["peak_bytes"] == max(d["peak_bytes"] for name, d in split["devices"].items() if "cuda" in name)
+    assert planned["score_groups"] == split["score_groups"] and set(split["devices"]) == {"cuda:0", "cuda:1"}
     printed = "\n".join(split["lines"])
     peaks = dict(re.findall(r"(cuda:\d) +weights .*?peak ≈ ([\d.]+) GiB", printed))
     assert set(peaks) == {"cuda:0", "cuda:1"}, printed

@@ -5,7 +5,6 @@ import os
 import re
 import stat
 import subprocess
-import sys
 import tomllib
 
 import pytest

@@ -51,10 +51,14 @@ def run_plan(config: RunbookConfig, *, command: str = "run", device_memory: str 
         control_sets=config.control_sets if "random_k" in controls else 0, seeds=len(config.seeds),
         stability_check=config.stability_check, stability_fraction=config.stability_fraction,
         device_memory=memory)
-    split = plan_split(shape, model_cfg, workload, memory) if model_cfg.device_map else None
-    if split is None:
+    if not model_cfg.device_map:
         return PlanOutcome(fits=result.fits, plan=result.as_dict(), lines=list(format_plan(result)))
-    lines, fits, reason = split
-    return PlanOutcome(fits=fits, plan={**result.as_dict(), "device_map": {"lines": lines, "fits": fits,
-                                                                          "reason": reason}},
-                       lines=[*format_plan(result), *lines, *([f"reason: {reason}"] if reason else [])])
+    split = plan_split(shape, model_cfg, workload, memory)
+    # The top-level figures answer the question asked (does the split fit?); the whole model on one device stays
+    # under "single_device" with its phases.
+    single = result.as_dict()
+    top = {k: v for k, v in split.as_dict().items() if k not in ("devices", "lines")}
+    return PlanOutcome(fits=split.fits, plan={**single, **top, "single_device": {k: single[k] for k in top},
+                                              "device_map": split.as_dict()},
+                       lines=[*format_plan(result), *split.lines,
+                              *([f"reason: {split.reason}"] if split.reason else [])])
