@@ -23,6 +23,7 @@ METRICS = ("grad_x_weight", "grad_squared", "hessian_diag", "hutchinson_diag", "
 MODES = ("per_layer", "global")
 SEEDS = (0, 1, 2)  # seeds of the perturbation trials and of the stability check
 CONTROLS = ("random_k", "bottom_k")  # the control sets perturb knows, all run by default
+DEFAULT_MAX_SEQ_LEN = 2048  # the default window length, capped at the model's context (default_seq_len)
 STABILITY_FRACTION = 0.5  # share of the windows each stability seed scores on
 CONTROL_SETS = 39  # random_k sets; the rank p-value's floor is 1/(1 + N), so 39 reach 0.025
 N_BOOTSTRAP = 10_000  # bootstrap resamples of the windows (perturb)
@@ -318,10 +319,13 @@ def resolve_attention(model: ModelConfig, metrics: list[str] | tuple[str, ...]) 
     return replace(model, attn_implementation="eager")
 
 
+def default_seq_len(max_positions: int | None) -> int:
+    """``min(2048, the model's context)`` — never the model's full context silently (131072 for Llama-3.1)."""
+    return min(DEFAULT_MAX_SEQ_LEN, max_positions) if max_positions else DEFAULT_MAX_SEQ_LEN
+
+
 def resolve_seq_len(data: DataConfig, max_positions: int | None) -> DataConfig:
     """``data`` with ``seq_len`` filled in (min(2048, the model's context)) when it was left to the default."""
-    from esa.windows import default_seq_len
-
     return data if data.seq_len is not None else replace(data, seq_len=default_seq_len(max_positions))
 
 

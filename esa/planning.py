@@ -349,7 +349,7 @@ def plan_command(model_cfg, sel, *, command: str = "run", seq_len: int | None = 
 
     from esa.modeling import DTYPES, meta_model
     from esa.tensors import select_tensors
-    from esa.windows import default_seq_len
+    from esa.config import default_seq_len
 
     dtype = model_cfg.dtype if model_cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     if dtype not in DTYPES:

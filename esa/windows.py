@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from esa.config import DataConfig, validate_data
 from esa.errors import EsaError
 
-DEFAULT_MAX_SEQ_LEN = 2048
 
 
 @dataclass
@@ -54,11 +54,6 @@ class Windows:
         }
 
 
-def default_seq_len(max_positions: int | None) -> int:
-    """``min(2048, the model's context)`` — never the model's full context silently (131072 for Llama-3.1)."""
-    return min(DEFAULT_MAX_SEQ_LEN, max_positions) if max_positions else DEFAULT_MAX_SEQ_LEN
-
-
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one 1-D int64 tensor of token ids (special tokens as the tokenizer adds them)."""
     logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
@@ -88,12 +83,9 @@ def make_windows(
     seed: int = 0,
     max_positions: int | None = None,
 ) -> Windows:
-    if seq_len < 2:
-        raise EsaError(f"--seq-len must be at least 2 (got {seq_len})")
+    validate_data(DataConfig(seq_len=seq_len, max_samples=max_samples))  # the flags' one check (callers in Python)
     if max_positions is not None and seq_len > max_positions:
         raise EsaError(f"--seq-len {seq_len} exceeds the model's context of {max_positions} tokens; lower --seq-len")
-    if max_samples is not None and max_samples < 1:
-        raise EsaError(f"--max-samples must be at least 1 (got {max_samples})")
     n_tokens = int(token_ids.numel())
     n_available = n_tokens // seq_len
     if n_available == 0:

@@ -5,7 +5,8 @@ import torch
 
 from esa.corpus import load_corpus, wikitext2_rows
 from esa.errors import EsaError
-from esa.windows import default_seq_len, make_windows, seeded_subset
+from esa.config import default_seq_len
+from esa.windows import make_windows, seeded_subset
 
 
 def test_windows_are_non_overlapping_and_drop_the_tail():
