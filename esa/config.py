@@ -191,6 +191,18 @@ class ReportConfig:
 
 
 # ----------------------------------------------------------------------------------------------- validation
+def check_probes(probes: int) -> None:
+    """--hutchinson-probes (also checked where the library is called directly: esa.scoring)."""
+    if probes < 1:
+        raise EsaError(f"--hutchinson-probes must be at least 1 (got {probes})")
+
+
+def check_bootstrap(n_bootstrap: int) -> None:
+    """--n-bootstrap of esa perturb and esa validate."""
+    if n_bootstrap < MIN_BOOTSTRAP:
+        raise EsaError(f"--n-bootstrap must be at least {MIN_BOOTSTRAP}")
+
+
 def validate_data(data: DataConfig) -> None:
     """Checks that need neither the model nor the text, so bad flags fail before anything slow happens."""
     if data.max_samples is not None and data.max_samples < 1:
@@ -208,8 +220,7 @@ def validate_selection(sel: SelectionConfig) -> None:
         raise EsaError(f"unknown --mode {sel.mode!r}; use per_layer or global")
     if sel.topk < 1:
         raise EsaError(f"--topk must be at least 1 (got {sel.topk})")
-    if sel.hutchinson_probes < 1:
-        raise EsaError(f"--hutchinson-probes must be at least 1 (got {sel.hutchinson_probes})")
+    check_probes(sel.hutchinson_probes)
     if sel.hessian_budget < 1:
         raise EsaError(f"--hessian-budget must be at least 1 (got {sel.hessian_budget})")
     if sel.score_groups is not None and sel.score_groups < 1:
@@ -247,8 +258,7 @@ def validate_controls(controls: list[str], control_sets: int, n_bootstrap: int) 
         raise EsaError(f"unknown control {unknown[0]!r} in --controls; use random_k and/or bottom_k")
     if "random_k" in controls and control_sets < 1:
         raise EsaError("--control-sets must be at least 1 (39 or more let a rank p-value reach 0.025)")
-    if n_bootstrap < MIN_BOOTSTRAP:
-        raise EsaError(f"--n-bootstrap must be at least {MIN_BOOTSTRAP}")
+    check_bootstrap(n_bootstrap)
 
 
 def validate(config: Any) -> None:
@@ -301,8 +311,7 @@ def validate(config: Any) -> None:
             raise EsaError(f"--sample must be at least {MIN_VALIDATE_SAMPLE} (got {config.sample})")
         if config.topk < 1:
             raise EsaError(f"--topk must be at least 1 (got {config.topk})")
-        if config.n_bootstrap < MIN_BOOTSTRAP:
-            raise EsaError(f"--n-bootstrap must be at least {MIN_BOOTSTRAP}")
+        check_bootstrap(config.n_bootstrap)
     elif isinstance(config, TensorsConfig):
         pass  # the tensor globs are checked against the model
     elif not isinstance(config, ReportConfig):

@@ -33,7 +33,7 @@ from scipy import stats as sps
 
 from esa.config import VALIDATE_KINDS, ValidateConfig
 from esa.runio import atomic_write_csv, read_csv_rows
-from esa.scoreselect import scored_tensors
+from esa.tensors import scored_tensors
 from esa.scoring import METRICS, compute_scores, is_signed
 from esa.seeding import stream_seed
 from esa.selection import sample_distinct, select_extreme

@@ -347,24 +347,18 @@ def plan_command(model_cfg, sel, *, command: str = "run", seq_len: int | None = 
     :class:`esa.config.SelectionConfig`); the model is built on the meta device from its config."""
     import torch
 
-    from esa.modeling import DTYPES, meta_model
-    from esa.tensors import select_tensors
     from esa.config import default_seq_len
+    from esa.modeling import meta_model, resolve_dtype
+    from esa.tensors import scored_tensors
 
-    dtype = model_cfg.dtype if model_cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    if dtype not in DTYPES:
-        raise EsaError(f"unknown --dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    model = meta_model(model_cfg.model, dtype=DTYPES[dtype], revision=model_cfg.revision,
+    dtype = resolve_dtype(model_cfg.dtype, torch.device(device), None)  # auto: bf16 on CUDA, float32 elsewhere
+    model = meta_model(model_cfg.model, dtype=dtype, revision=model_cfg.revision,
                        trust_remote_code=model_cfg.trust_remote_code)
-    scored = [t for t, _ in select_tensors(model, sel.include, sel.exclude, biases=sel.include_biases,
-                                           norms=sel.include_norms)]
-    if not scored:
-        raise EsaError("no tensor matches --include/--exclude (see tensor names with `esa tensors`)")
+    scored = [t for t, _ in scored_tensors(model, sel)]
     context = getattr(model.config, "max_position_embeddings", None)
     workload = Workload(
         command=command, metric=sel.metric, seq_len=seq_len or default_seq_len(context), n_windows=max_samples,
-        batch_size=batch_size, score_groups=sel.score_groups, dtype_bytes=DTYPES[dtype].itemsize if hasattr(
-            DTYPES[dtype], "itemsize") else torch.empty(0, dtype=DTYPES[dtype]).element_size(),
+        batch_size=batch_size, score_groups=sel.score_groups, dtype_bytes=dtype.itemsize,
         attention="eager" if needs_double_backward(sel.metric) else "sdpa",
         hutchinson_probes=sel.hutchinson_probes, perturb=perturb, bottom_k=bottom_k, control_sets=control_sets,
         seeds=seeds,

@@ -225,6 +225,25 @@ def is_finished(run_dir: Path) -> bool:
         return False
 
 
+def require_same_windows(out_dir: Path, recorded: str | None, current: str) -> None:
+    """A resumed run must evaluate the windows its interrupted part did: the token hash its baseline recorded
+    (``recorded``) against this run's (``current``)."""
+    if recorded != current:
+        raise EsaError(f"{out_dir}: the evaluation windows differ from the interrupted run's; use --overwrite")
+
+
+def finished_profile_run(run_dir: Path, model_id: str | None = None) -> dict:
+    """The manifest of the finished profile run given as ``--from-profile`` (a one-line error otherwise); with
+    ``model_id``, the run must have profiled that model."""
+    if not is_finished(run_dir):
+        raise EsaError(f"--from-profile {run_dir} is not a finished profile run")
+    manifest = read_json(Path(run_dir) / MANIFEST)
+    profiled = manifest.get("model", {}).get("model_id")
+    if model_id is not None and profiled != model_id:
+        raise EsaError(f"--from-profile {run_dir} profiled {profiled!r}, not {model_id!r}; pass the same --model")
+    return manifest
+
+
 def check_writable(folder: Path, option: str = "--out-dir") -> None:
     """Fail before any slow work when ``folder`` could not be created or written: its nearest existing
     ancestor must be a writable directory."""

@@ -17,15 +17,14 @@ import torch
 
 from esa import tailstats
 from esa.config import ModelConfig, SelectionConfig, resolve_attention, resolve_seq_len
-from esa.errors import EsaError
 from esa.experts import expert_mass
 from esa.planning import planned_groups
 from esa.scorescan import scan
 from esa.scoregroups import score_groups, split_groups
-from esa.scoring import ScoreSet, compute_scores, ranking_view
+from esa.scoring import ScoreSet, compute_scores, ranking_view, require_act_mag_tensors
 from esa.selection import Candidates, WeightSet, merge_candidates, tensor_candidates
 from esa.session import Session, open_session
-from esa.tensors import TensorInfo, select_tensors
+from esa.tensors import TensorInfo, scored_tensors
 from esa.windows import Windows, seeded_subset, stability_subset_size
 
 MIN_TAIL_VALUES = 1000
@@ -40,13 +39,6 @@ class Selection:
     bottom: WeightSet
     summaries: dict[str, tailstats.TensorSummary] = field(default_factory=dict)
     expert_mass: dict[str, list[float]] = field(default_factory=dict)  # per fused expert stack: Σ|S| per expert
-
-
-def scored_tensors(model: torch.nn.Module, sel: SelectionConfig) -> list[tuple[TensorInfo, torch.nn.Parameter]]:
-    tensors = select_tensors(model, sel.include, sel.exclude, biases=sel.include_biases, norms=sel.include_norms)
-    if not tensors:
-        raise EsaError("no tensor matches --include/--exclude (see tensor names with `esa tensors`)")
-    return tensors
 
 
 @dataclass
@@ -122,8 +114,7 @@ def score_and_select(session: Session, sel: SelectionConfig, windows: torch.Tens
             described["meta"][key] = described["meta"].get(key, []) + value if isinstance(value, list) else value
         del scores
     infos = [t for t, _ in tensors if t.name in reduced]
-    if not infos:
-        raise EsaError("act_mag scores Linear, Embedding, router and expert weights only, and none is selected")
+    require_act_mag_tensors(len(infos))  # only act_mag leaves tensors out
     top = merge_candidates(infos, {n: r.top for n, r in reduced.items()}, sel.topk, sel.mode, largest=True)
     bottom = merge_candidates(infos, {n: r.bottom for n, r in reduced.items()}, sel.topk, sel.mode, largest=False)
     summaries = {n: r.summary for n, r in reduced.items()} if summarize else {}

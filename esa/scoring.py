@@ -65,7 +65,7 @@ import torch
 
 from esa import distributed
 from esa.config import HESSIAN_BUDGET as DEFAULT_HESSIAN_BUDGET  # declared once, in esa.config
-from esa.config import METRICS, check_metric, needs_double_backward  # noqa: F401 - re-exported
+from esa.config import METRICS, check_metric, check_probes, needs_double_backward  # noqa: F401 - re-exported
 from esa.errors import EsaError
 from esa.evaluate import mean_loss, model_device
 from esa.experts import call_arguments, is_fused_experts, routed_inputs
@@ -101,6 +101,12 @@ def needs_data(metric: str) -> bool:
 def uses_hvp(metric: str) -> bool:
     """The Hutchinson metrics: Hessian-vector products by forward-over-reverse (:mod:`esa.hvp`)."""
     return metric in ("hutchinson_diag", "obd")
+
+
+def require_act_mag_tensors(scored: int) -> None:
+    """act_mag skips the tensors it cannot score (norms, biases); a selection of those alone is refused."""
+    if not scored:
+        raise EsaError("act_mag scores Linear, Embedding, router and expert weights only, and none is selected")
 
 
 def is_signed(metric: str) -> bool:
@@ -228,8 +234,8 @@ def compute_scores(
         return ScoreSet(metric, infos, scores, 0, meta)
     if metric == "act_mag":
         meta = _act_mag(model, tensors, scores, batches, device)
-        if not scores and group is None:  # a score group may hold only tensors act_mag skips
-            raise EsaError("act_mag scores Linear, Embedding, router and expert weights only, and none is selected")
+        if group is None:  # a score group may hold only tensors act_mag skips (esa.scoreselect checks the union)
+            require_act_mag_tensors(len(scores))
         return ScoreSet(metric, [i for i in infos if i.name in scores], scores, len(batches), meta)
 
     was_training = model.training
@@ -306,8 +312,7 @@ def _probe_hessian(model, params, scores, batches, device, probes: int, seed: in
     z_t = ``rademacher_like(w_t, seed, t, b, i)``; backward flows to the tensors of ``scores`` only (a subset of
     ``params``) and each one's gradient, primal ∇l_b and tangent (H_b z)_t, goes to ``fold_hz(name, Hz, p, z)`` as it
     is accumulated (and, for probe 0, ``on_gradient(name, ∇l_b)``), then is freed."""
-    if probes < 1:
-        raise EsaError(f"--hutchinson-probes must be at least 1 (got {probes})")
+    check_probes(probes)
     mine = _mine(batches)
     with forward_over_reverse(model) as sweep, \
             progress_bar(f"scoring ({label})", total=len(mine) * probes) as bar:

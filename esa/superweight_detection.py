@@ -45,7 +45,7 @@ from esa.errors import EsaError
 from esa.evaluate import EvalResult, evaluate
 from esa.experts import call_arguments, routed_inputs
 from esa.perturbation import PerturbSpec, perturbed
-from esa.runio import MANIFEST, is_finished, read_csv_rows, read_json
+from esa.runio import finished_profile_run, read_csv_rows, read_json
 from esa.selection import WeightSet
 
 DEFAULT_PROMPT = SuperweightsConfig().prompt  # the paper's probe sentence
@@ -314,11 +314,7 @@ def mediation(model: torch.nn.Module, found: list[Candidate], windows: torch.Ten
 def profile_ranks(run_dir: Path, found: list[Candidate], model_id: str) -> dict:
     """Each found weight's rank (1 = top) under a finished profile run's metric: exact over every scored weight
     when the run saved its scores (``--save-scores``), else its rank in top_weights.csv (None: not in the top-k)."""
-    if not is_finished(run_dir):
-        raise EsaError(f"--from-profile {run_dir} is not a finished profile run")
-    profiled = read_json(run_dir / MANIFEST).get("model", {}).get("model_id")
-    if profiled != model_id:
-        raise EsaError(f"--from-profile {run_dir} profiled {profiled!r}, not {model_id!r}; pass the same --model")
+    finished_profile_run(run_dir, model_id)
     metric = read_json(run_dir / "config.json").get("selection", {}).get("metric")
     out = {"run": str(run_dir), "metric": metric}
     scores_path = run_dir / "scores.safetensors"

@@ -19,8 +19,14 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+from esa.errors import EsaError
+
+if TYPE_CHECKING:
+    from esa.config import SelectionConfig
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 _EXPERT = re.compile(r"experts\.(\d+)\.")
@@ -165,3 +171,12 @@ def select_tensors(
             continue
         chosen.append((info, p))
     return chosen
+
+
+def scored_tensors(model: torch.nn.Module, sel: SelectionConfig) -> list[tuple[TensorInfo, torch.nn.Parameter]]:
+    """The tensors ``sel`` scores (its --include / --exclude / --include-biases / --include-norms), in model order;
+    a one-line error when none matches."""
+    tensors = select_tensors(model, sel.include, sel.exclude, biases=sel.include_biases, norms=sel.include_norms)
+    if not tensors:
+        raise EsaError("no tensor matches --include/--exclude (see tensor names with `esa tensors`)")
+    return tensors

@@ -46,7 +46,7 @@ from esa.errors import EsaError
 from esa.evaluate import EvalResult
 from esa.perturbation import PerturbSpec
 from esa.placement import weight_tensors
-from esa.runio import MANIFEST, atomic_write_json, is_finished, read_csv_rows, read_json
+from esa.runio import atomic_write_json, finished_profile_run, read_csv_rows, read_json
 from esa.scoreselect import score_and_select, seeded_selections
 from esa.selection import WeightSet, jaccard, select_random
 from esa.session import Session
@@ -105,12 +105,7 @@ def read_explicit_weights(path: Path, params: dict[str, torch.Tensor]) -> Weight
 
 
 def _profile_sets(run_dir: Path, seeds: list[int], stability: bool, model_id: str) -> tuple[dict, dict]:
-    if not is_finished(run_dir):
-        raise EsaError(f"--from-profile {run_dir} is not a finished profile run")
-    manifest = read_json(run_dir / MANIFEST)
-    profiled = manifest.get("model", {}).get("model_id")
-    if profiled != model_id:
-        raise EsaError(f"--from-profile {run_dir} profiled {profiled!r}, not {model_id!r}; pass the same --model")
+    finished_profile_run(run_dir, model_id)
     if not stability:
         top, bottom = read_weights(run_dir / "top_weights.csv"), read_weights(run_dir / "bottom_weights.csv", "bottom_k")
         bottom.meta = read_json(run_dir / "metrics.json").get("bottom_k", {})
@@ -130,8 +125,7 @@ def with_profile_selection(config: PerturbConfig) -> PerturbConfig:
     """``config`` with the selection settings of its ``--from-profile`` run, which are the ones that chose the
     sets (so config.json records what ran, not the command's defaults)."""
     run_dir = Path(config.from_profile)
-    if not is_finished(run_dir):
-        raise EsaError(f"--from-profile {run_dir} is not a finished profile run")
+    finished_profile_run(run_dir)
     saved = read_json(run_dir / "config.json").get("selection", {})
     return dataclasses.replace(config, selection=SelectionConfig(**saved))
 

@@ -22,7 +22,7 @@ from esa.perturbation import perturbed, validate_spec
 from esa.placement import weight_tensors
 from esa.planning import with_planned_batch_size
 from esa.runio import (MANIFEST, append_jsonl, atomic_write_json, begin_run, clear_run_files, prepare_resumable_run,
-                       read_jsonl)
+                       read_jsonl, require_same_windows)
 from esa.scoreselect import open_for_selection, resolved_for
 from esa.session import Session
 from esa.trials import (TRIALS, build_sets, control_seed, load_sets, save_sets, set_hash, spec_of, summarize,
@@ -82,8 +82,8 @@ def run_perturb(config: PerturbConfig, *, command: str = "perturb", session: Ses
             done["baseline"] = trial_record("baseline", "baseline", None, base, time.perf_counter() - t0,
                                        windows_sha256=session.windows.token_sha256())
             append_jsonl(trials_path, done["baseline"])
-        elif done["baseline"].get("windows_sha256") != session.windows.token_sha256():
-            raise EsaError(f"{out_dir}: the evaluation windows differ from the interrupted run's; use --overwrite")
+        else:
+            require_same_windows(out_dir, done["baseline"].get("windows_sha256"), session.windows.token_sha256())
         deterministic = spec.kind in ("zero", "sign_flip")
         for trial_id, cond, s in plan:
             ws = sets[trial_id]

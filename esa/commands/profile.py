@@ -37,12 +37,13 @@ from esa.placement import weight_tensors
 from esa.planning import predicted_peak, refuse_if_it_cannot_fit, with_planned_batch_size
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, begin_run, prepare_run_dir
 from esa.scorefile import ScoreFile
-from esa.scoreselect import open_for_selection, resolved_for, score_and_select, scored_tensors
+from esa.scoreselect import open_for_selection, resolved_for, score_and_select
 from esa.scorestats import (STATS_COLUMNS, bottom_k_record, experts_table, location_table, score_statistics,
                             top1_record)
 from esa.scoring import needs_data
 from esa.session import Session
 from esa.stability import stability
+from esa.tensors import scored_tensors
 from esa.weightsfile import write_weights
 
 

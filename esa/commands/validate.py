@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from esa.config import ValidateConfig, resolve_attention, to_dict, validate
-from esa.errors import EsaError
 from esa.evaluate import evaluate, require_finite
 from esa.fingerprint import model_fingerprint
 from esa.manifest import Timer, build_manifest
@@ -24,8 +23,8 @@ from esa.metric_validation import (ABLATIONS, build_plan, default_metrics, key_o
 from esa.perturbation import PerturbSpec, perturbed
 from esa.planning import with_planned_batch_size
 from esa.runio import (MANIFEST, append_jsonl, atomic_write_csv, atomic_write_json, atomic_write_jsonl, begin_run,
-                       clear_run_files, prepare_resumable_run, read_jsonl)
-from esa.scoreselect import scored_tensors
+                       clear_run_files, prepare_resumable_run, read_jsonl, require_same_windows)
+from esa.tensors import scored_tensors
 from esa.scoring import needs_double_backward
 from esa.selection import WeightSet
 from esa.session import Session, open_session
@@ -81,8 +80,8 @@ def run_validate(config: ValidateConfig, *, session: Session | None = None) -> d
             done["baseline"] = {"key": "baseline", "mean_nll": base.mean_nll,
                                 "windows_sha256": session.windows.token_sha256()}
             append_jsonl(path, done["baseline"])
-        elif done["baseline"]["windows_sha256"] != session.windows.token_sha256():
-            raise EsaError(f"{out_dir}: the evaluation windows differ from the interrupted run's; use --overwrite")
+        else:
+            require_same_windows(out_dir, done["baseline"].get("windows_sha256"), session.windows.token_sha256())
         base_nll = done["baseline"]["mean_nll"]
         for row in plan:
             key = key_of(row)
