@@ -12,8 +12,10 @@
 On a CPU a chunk is ``CPU_CHUNK`` elements per thread of torch, small enough to stay in each core's cache: each
 element comes from memory once and every later operation on it reads the cache (the float64 power sums cost about
 1 ns per element on one core).
-On a GPU the chunks are large (``GPU_CHUNK``) and the power sums are one Triton kernel. The result does not depend
-on the chunk size.
+A CPU buffer of at least ``esa.kernels.moments.COMPILED_MIN_NUMEL`` elements takes its power sums from
+:func:`esa.kernels.moments.power_sums_compiled` instead (one fused compiled loop, a second read of the buffer). On a
+GPU the chunks are large (``GPU_CHUNK``) and the power sums are one Triton kernel. The result does not depend on
+the chunk size or the path beyond float64 rounding.
 
 Exactness of :func:`block_select`: let T be the k-th best value (ties broken by lower flat index). Every selected
 element lies in a block whose extreme is at least as good as T; fewer than k blocks have an extreme strictly
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from esa.kernels import topk
-from esa.kernels.moments import PowerSums, central_moments, power_sums, work_buffers
+from esa.kernels.moments import PowerSums, central_moments, power_sums, power_sums_compiled, work_buffers
 
 BLOCK = 256
 CPU_CHUNK = BLOCK << 9  # 131,072 elements (512 KiB of float32) per thread
@@ -77,12 +79,14 @@ def scan(flat: torch.Tensor, *, shift: float | None = None, nonzero_min: bool = 
     if whole < n:
         parts.append(flat[whole:].view(1, -1))  # the last, shorter block
     highs, lows = [], []
-    sums = (0.0, 0.0, 0.0, 0.0)
-    work = work_buffers(flat) if shift is not None and not flat.is_cuda else None
+    whole_sums = power_sums_compiled(flat, shift) if shift is not None else None  # large CPU buffers: one more read
+    sums = whole_sums or (0.0, 0.0, 0.0, 0.0)
+    chunk_sums = shift is not None and whole_sums is None
+    work = work_buffers(flat) if chunk_sums and not flat.is_cuda else None
     for part in parts:
         highs.append(part.amax(dim=1))
         lows.append(part.amin(dim=1))
-        if shift is not None:
+        if chunk_sums:
             sums = tuple(a + b for a, b in zip(sums, power_sums(part, shift, work)))
     high = torch.cat(highs) if highs else flat.new_empty(0)
     low = torch.cat(lows) if lows else flat.new_empty(0)

@@ -84,3 +84,30 @@ def test_central_moments_match_numpy_whatever_the_shift(shift_factor):
 def test_refuses_other_dtypes():
     with pytest.raises(ValueError, match="float32"):
         power_sums(torch.zeros(3, dtype=torch.float64), 0.0)
+
+
+def test_compiled_power_sums_equal_the_reference_and_fall_back_cleanly(monkeypatch):
+    """The compiled CPU path (made to apply to a small buffer: chunks of 2048, a partial rest) agrees with the torch
+    reference to float64 rounding; it stays out of the way on ESA_KERNELS=torch and on small buffers, and a
+    compiler that fails makes it return None once with a warning (the scan then sums chunk by chunk)."""
+    from esa.kernels import moments
+    from esa.kernels.dispatch import force_backend
+
+    monkeypatch.setattr(moments, "_compiled", {})
+    monkeypatch.setattr(moments, "COMPILED_MIN_NUMEL", 4096)
+    monkeypatch.setattr(moments, "COMPILED_CHUNK", 2048)
+    x = _buffer(3 * 2048 + 77, 11)
+    got = moments.power_sums_compiled(x, 0.05)
+    assert got is not None and got == pytest.approx(power_sums_torch(x, 0.05), rel=1e-12)
+    assert moments.power_sums_compiled(x[:4000], 0.05) is None  # below COMPILED_MIN_NUMEL
+    with force_backend("torch"):
+        assert moments.power_sums_compiled(x, 0.05) is None
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(moments, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="compiled CPU power sums are unavailable"):
+        assert moments.power_sums_compiled(x, 0.05) is None
+    assert moments.power_sums_compiled(x, 0.05) is None  # remembered: no second warning, no second try
