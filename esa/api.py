@@ -264,16 +264,27 @@ def _session(command: str, o: dict[str, Any], data: DataConfig, *, eager: bool =
 
 
 # ----------------------------------------------------------------------------------------------- commands
+def _run_command(command: str, o: dict[str, Any], run: Callable, read: Callable, *,
+                 eager: Callable[[Any], bool] = lambda config: False, **read_options: Any) -> Any:
+    """What every command on a model does from Python: build its configuration from the options ``o``, run it
+    (``run(config, session=...)``) on the model by name or in memory (eager attention when ``eager(config)``), in
+    ``o["out_dir"]`` or a temporary directory, and ``read`` the run directory back."""
+    with _run_dir(o["out_dir"]) as (where, shown):
+        config = _config(command, o, where)
+        with _session(command, o, config.data, eager=eager(config)) as session:
+            run(_in_memory(config, session), session=session)
+        return read(where, shown, **read_options)
+
+
+def _selection_needs_eager(config: Any) -> bool:
+    return needs_double_backward(config.selection.metric)
+
+
 def baseline(**kwargs: Any) -> BaselineResult:
     """``esa baseline``: perplexity, loss and next-token accuracy (see :mod:`esa.commands.baseline`)."""
     from esa.commands.baseline import run_baseline
 
-    o = options("baseline", kwargs)
-    with _run_dir(o["out_dir"]) as (where, shown):
-        config = _config("baseline", o, where)
-        with _session("baseline", o, config.data) as session:
-            run_baseline(_in_memory(config, session), session=session)
-        return read_baseline(where, shown)
+    return _run_command("baseline", options("baseline", kwargs), run_baseline, read_baseline)
 
 
 def profile(**kwargs: Any) -> ProfileResult:
@@ -282,49 +293,33 @@ def profile(**kwargs: Any) -> ProfileResult:
     from esa.commands.profile import run_profile
 
     o = options("profile", kwargs)
-    with _run_dir(o["out_dir"]) as (where, shown):
-        config = _config("profile", o, where)
-        config = replace(config, save_scores=config.save_scores or o["return_scores"])
-        with _session("profile", o, config.data, eager=needs_double_backward(config.selection.metric)) as session:
-            run_profile(_in_memory(config, session), session=session)
-        return read_profile(where, shown, scores=o["return_scores"])
+    o["save_scores"] = o["save_scores"] or o["return_scores"]  # the scores are read back from scores.safetensors
+    return _run_command("profile", o, run_profile, read_profile, eager=_selection_needs_eager,
+                        scores=o["return_scores"])
 
 
 def perturb(**kwargs: Any) -> PerturbResult:
     """``esa perturb``: the causal test against random_k / bottom_k controls (see :mod:`esa.trials`)."""
     from esa.commands.perturb import run_perturb
 
-    o = options("perturb", kwargs)
-    with _run_dir(o["out_dir"]) as (where, shown):
-        config = _config("perturb", o, where)
-        with _session("perturb", o, config.data, eager=needs_double_backward(config.selection.metric)) as session:
-            run_perturb(_in_memory(config, session), session=session)
-        return read_perturb(where, shown)
+    return _run_command("perturb", options("perturb", kwargs), run_perturb, read_perturb,
+                        eager=_selection_needs_eager)
 
 
 def superweights(**kwargs: Any) -> SuperweightsResult:
     """``esa superweights``: super weights from activation spikes (see :mod:`esa.superweight_detection`)."""
     from esa.commands.superweights import run_superweights
 
-    o = options("superweights", kwargs)
-    with _run_dir(o["out_dir"]) as (where, shown):
-        config = _config("superweights", o, where)
-        with _session("superweights", o, config.data) as session:
-            run_superweights(_in_memory(config, session), session=session)
-        return read_superweights(where, shown)
+    return _run_command("superweights", options("superweights", kwargs), run_superweights, read_superweights)
 
 
 def validate(**kwargs: Any) -> ValidateResult:
     """``esa validate``: exact single-weight ablations against every metric (see :mod:`esa.metric_validation`)."""
     from esa.commands.validate import run_validate
 
-    o = options("validate", kwargs)
-    with _run_dir(o["out_dir"]) as (where, shown):
-        config = _config("validate", o, where)
-        second_order = any(needs_double_backward(m) for m in (config.metrics or ["hutchinson_diag"]))
-        with _session("validate", o, config.data, eager=second_order) as session:
-            run_validate(_in_memory(config, session), session=session)
-        return read_validate(where, shown)
+    return _run_command("validate", options("validate", kwargs), run_validate, read_validate,
+                        eager=lambda config: any(needs_double_backward(m)
+                                                 for m in (config.metrics or ["hutchinson_diag"])))
 
 
 def report(run_dirs: Any = None, **kwargs: Any) -> ReportResult:
