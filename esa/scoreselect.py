@@ -57,9 +57,9 @@ def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_
     (of |S| for a signed metric). ``skip_unused``: bottom-k leaves out zero-score weights (:mod:`esa.selection`).
 
     What each buffer costs, all on the score's device: the ranking view (|S|, a copy, for a signed metric only);
-    the seeded sample (:func:`esa.tailstats.draw_sample`); one read (:func:`esa.scorescan.scan`) that gives the
-    block extrema, the zero count, finiteness and, with ``summarize``, the float64 power sums about the sample's
-    mean; then two selections among the best k blocks (:func:`esa.scorescan.block_select`), the largest
+    with ``summarize`` the seeded sample (:func:`esa.tailstats.draw_sample`); one read (:func:`esa.scorescan.scan`)
+    that gives the block extrema, the zero count, finiteness and, with ``summarize``, the float64 power sums about
+    the sample's mean; then two selections among the best k blocks (:func:`esa.scorescan.block_select`), the largest
     max(k, tail) scores serving both the top-k and the tail statistics.
     """
     out = {}
@@ -70,8 +70,8 @@ def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_
         s = scores.scores[t.name]
         view = ranking_view(s, scores.metric)
         flat = view.detach().reshape(-1)
-        sample = tailstats.draw_sample(flat, seed)
-        shift = float(sample.double().mean()) if summarize else None
+        sample = tailstats.draw_sample(flat, seed) if summarize else None
+        shift = float(sample.double().mean()) if sample is not None else None
         scanned = scan(flat, shift=shift, nonzero_min=skip_unused)
         top = tensor_candidates(t.name, s, tail if summarize else k, largest=True, metric=scores.metric, view=view,
                                 scanned=scanned)
