@@ -7,7 +7,7 @@ Triton decides when a kernel is decorated whether it is interpreted, so the work
 1. ``record`` (``TRITON_INTERPRET=1``, CPU tensors): drive every launcher of ``esa.kernels`` over the combinations
    esa launches (every accumulate op on every model dtype, a and b of one dtype as in ``esa.scoring``, both act_mag
    scale kinds; every perturbation kernel code on every weight dtype; top-k and bottom-k through both compaction
-   paths) on a model-like shape (every size a multiple of 16) and an odd one, and record each kernel launch: its
+   paths; the one-read scan with and without |x|, non-zero minima and power sums) on a model-like shape (every size a multiple of 16) and an odd one, and record each kernel launch: its
    tensors as (dtype, 16-byte alignment), its scalars and keyword arguments as values.
 2. ``compile`` (no interpreter): rebuild each launch's arguments and let Triton's own launch-time specialization
    (the binder and ``_pack_args`` that ``JITFunction.run`` uses) turn them into the signature, constexprs,
@@ -27,6 +27,7 @@ import ast
 import hashlib
 import importlib
 import inspect
+import itertools
 import json
 import os
 import pkgutil
@@ -144,8 +145,8 @@ def drive_launchers() -> None:
     from esa.kernels.floatbits import FLOAT_DTYPES, INPUT_DTYPES, int_view_dtype
 
     # By module (esa.kernels re-exports a function named topk that hides the submodule of that name).
-    accumulate, moments, perturb, topk = (importlib.import_module(f"esa.kernels.{m}")
-                                          for m in ("accumulate", "moments", "perturb", "topk"))
+    accumulate, blockscan, perturb, topk = (importlib.import_module(f"esa.kernels.{m}")
+                                            for m in ("accumulate", "blockscan", "perturb", "topk"))
 
     g = torch.Generator().manual_seed(0)
     for shape in ((64, 48), (5, 7)):  # model-like (sizes divisible by 16), then odd
@@ -165,7 +166,8 @@ def drive_launchers() -> None:
         for largest in (True, False):
             for score in (continuous, ties):
                 topk.topk_triton(score, 10, largest)
-        moments.power_sums_triton(continuous, 0.5)  # the statistics' one read of a score buffer
+        for absolute, nonzero_min, shift in itertools.product((False, True), (False, True), (None, 0.5)):
+            blockscan.block_scan(continuous, shift=shift, absolute=absolute, nonzero_min=nonzero_min)  # the one read
     weight_shape = (64, 48)
     for k in (100, 16, 1):  # --topk 100 (the default), an aligned count, a single weight
         _tag[0] = "main" if k == 100 else "alternate"

@@ -9,12 +9,14 @@
 - with a ``shift``: the float64 power sums of :func:`esa.kernels.moments.power_sums` (mean, variance, skewness and
   kurtosis of the buffer, exact to float64 rounding).
 
+On a GPU the whole scan is one Triton kernel (:func:`esa.kernels.blockscan.block_scan`: one read, the zeros and
+non-finite values counted in the same pass, |S| of a signed metric taken as it reads, one host synchronisation).
 On a CPU a chunk is ``CPU_CHUNK`` elements per thread of torch, small enough to stay in each core's cache: each
 element comes from memory once and every later operation on it reads the cache (the float64 power sums cost about
 1 ns per element on one core).
 A CPU buffer of at least ``esa.kernels.moments.COMPILED_MIN_NUMEL`` elements takes its power sums from
-:func:`esa.kernels.moments.power_sums_compiled` instead (one fused compiled loop, a second read of the buffer). On a
-GPU the chunks are large (``GPU_CHUNK``) and the power sums are one Triton kernel. The result does not depend on
+:func:`esa.kernels.moments.power_sums_compiled` instead (one fused compiled loop, a second read of the buffer).
+With ``ESA_KERNELS=torch`` a GPU takes the CPU's form in chunks of ``GPU_CHUNK``. The result does not depend on
 the chunk size or the path beyond float64 rounding.
 
 Exactness of :func:`block_select`: let T be the k-th best value (ties broken by lower flat index). Every selected
@@ -33,9 +35,10 @@ from dataclasses import dataclass
 import torch
 
 from esa.kernels import topk
+from esa.kernels.blockscan import BLOCK, block_scan
+from esa.kernels.dispatch import backend_for
 from esa.kernels.moments import PowerSums, central_moments, power_sums, power_sums_compiled, work_buffers
 
-BLOCK = 256
 CPU_CHUNK = BLOCK << 9  # 131,072 elements (512 KiB of float32) per thread
 GPU_CHUNK = BLOCK << 18  # 67,108,864 elements
 BLOCK_SELECT_SHARE = 8  # block_select gathers at most 1/8 of a buffer (k blocks of BLOCK); else a full selection
@@ -64,13 +67,20 @@ def _chunk_elements(flat: torch.Tensor) -> int:
     return GPU_CHUNK if flat.is_cuda else CPU_CHUNK * torch.get_num_threads()
 
 
-def scan(flat: torch.Tensor, *, shift: float | None = None, nonzero_min: bool = False) -> Scan:
-    """Read ``flat`` (a float32 score view) once; see the module docstring.
+def scan(flat: torch.Tensor, *, shift: float | None = None, nonzero_min: bool = False, absolute: bool = False
+         ) -> Scan:
+    """Read ``flat`` (a float32 score view) once; see the module docstring. ``absolute``: scan |flat| (the ranking
+    view of a signed metric), which a GPU never materialises (:func:`esa.kernels.blockscan.block_scan`).
 
-    Zeros are counted without a pass of their own: only a block whose extrema enclose 0 can hold one; a block
-    whose extrema are both 0 holds nothing else, and only the few blocks that mix zeros with other values are read
-    again (:func:`_count_zeros`)."""
+    On a CPU, zeros are counted without a pass of their own: only a block whose extrema enclose 0 can hold one; a
+    block whose extrema are both 0 holds nothing else, and only the few blocks that mix zeros with other values
+    are read again (:func:`_count_zeros`)."""
     flat = flat.detach().reshape(-1)
+    if backend_for(flat) == "triton":
+        fused = block_scan(flat, shift=shift, absolute=absolute, nonzero_min=nonzero_min)
+        return Scan(flat.numel(), fused.high, fused.low, fused.zeros, fused.nonfinite == 0, shift, fused.sums)
+    if absolute:
+        flat = flat.abs()
     n = flat.numel()
     whole = n - n % BLOCK
     rows = flat[:whole].view(-1, BLOCK)
@@ -136,24 +146,43 @@ def _count_zeros(flat: torch.Tensor, high: torch.Tensor, low: torch.Tensor, nonz
     return zeros, low
 
 
-def block_select(flat: torch.Tensor, scanned: Scan, k: int, *, largest: bool, skip_zeros: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def block_select(flat: torch.Tensor, scanned: Scan, k: int, *, largest: bool, skip_zeros: bool = False,
+                 absolute: bool = False, by_sort: bool | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The exact top-k (bottom-k; with ``skip_zeros`` among the non-zero values, the scan made with
-    ``nonzero_min``) of ``flat`` — values and flat indices in :func:`esa.kernels.topk`'s order — from the best k
-    blocks of ``scanned`` (module docstring). None when those blocks would hold more than 1/``BLOCK_SELECT_SHARE``
-    of the buffer: the caller then selects over the whole buffer."""
+    ``nonzero_min``) of ``flat`` (of |``flat``| with ``absolute``, the scan made so too) — values and flat indices
+    in :func:`esa.kernels.topk`'s order — from the best k blocks of ``scanned`` (module docstring). None when those
+    blocks would hold more than 1/``BLOCK_SELECT_SHARE`` of the buffer: the caller then selects over the whole
+    buffer.
+
+    Two ways to the same result: ``by_sort`` (the default on a GPU) ranks the block extrema and then the gathered
+    values with one stable sort each — no host synchronisation before the result is read; otherwise (the default
+    on a CPU, where sorting millions of blocks costs more than selecting k of them) :func:`esa.kernels.topk`."""
     blocks = scanned.block_max if largest else scanned.block_min
-    if k == 0 or k * BLOCK * BLOCK_SELECT_SHARE > flat.numel():
+    n = flat.numel()
+    if k == 0 or k * BLOCK * BLOCK_SELECT_SHARE > n:
         return None
-    _, chosen = topk(blocks, k, largest=largest)
+    by_sort = flat.is_cuda if by_sort is None else by_sort
+    chosen = _best(blocks, k, largest, by_sort)[1]
     chosen = torch.sort(chosen).values
     index = (chosen.unsqueeze(1) * BLOCK + torch.arange(BLOCK, device=chosen.device)).reshape(-1)
-    index = index[index < flat.numel()]
-    values = flat[index]
+    worst = -math.inf if largest else math.inf
+    inside = index < n  # only the last block may be shorter
+    values = flat[index.clamp(max=n - 1)]
+    values = values.abs() if absolute else values
+    values = values.masked_fill(~inside, worst)
     if skip_zeros:
-        values = values.masked_fill(values == 0, math.inf if not largest else -math.inf)
-    best, local = topk(values, k, largest=largest)
+        values = values.masked_fill(values == 0, worst)
+    best, local = _best(values, k, largest, by_sort)
     if skip_zeros:
         used = torch.isfinite(best)
         best, local = best[used], local[used]
     return best, index[local]
+
+
+def _best(values: torch.Tensor, k: int, largest: bool, by_sort: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first k of the stable order by value (descending when ``largest``), ties to the lower position, -0.0 as
+    +0.0: :func:`esa.kernels.topk`'s result, by a stable sort or by topk itself."""
+    if not by_sort:
+        return topk(values, k, largest=largest)
+    ordered, position = torch.sort(values + 0.0, descending=largest, stable=True)
+    return ordered[:k], position[:k]

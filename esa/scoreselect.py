@@ -11,6 +11,7 @@ Used by ``esa profile``, ``esa perturb`` (re-selection, stability) and ``esa val
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -21,7 +22,7 @@ from esa.experts import expert_mass
 from esa.planning import planned_groups
 from esa.scorescan import scan
 from esa.scoregroups import score_groups, split_groups
-from esa.scoring import ScoreSet, compute_scores, ranking_view, require_act_mag_tensors
+from esa.scoring import ScoreSet, compute_scores, is_signed, require_act_mag_tensors
 from esa.selection import Candidates, WeightSet, merge_candidates, tensor_candidates
 from esa.session import Session, open_session
 from esa.tensors import TensorInfo, scored_tensors
@@ -56,11 +57,12 @@ def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_
     """Per scored tensor: its top-k and bottom-k candidates and, with ``summarize``, its tail-statistics summary
     (of |S| for a signed metric). ``skip_unused``: bottom-k leaves out zero-score weights (:mod:`esa.selection`).
 
-    What each buffer costs, all on the score's device: the ranking view (|S|, a copy, for a signed metric only);
-    with ``summarize`` the seeded sample (:func:`esa.tailstats.draw_sample`); one read (:func:`esa.scorescan.scan`)
-    that gives the block extrema, the zero count, finiteness and, with ``summarize``, the float64 power sums about
-    the sample's mean; then two selections among the best k blocks (:func:`esa.scorescan.block_select`), the largest
-    max(k, tail) scores serving both the top-k and the tail statistics.
+    What each buffer costs, all on the score's device: with ``summarize`` the seeded sample
+    (:func:`esa.tailstats.draw_sample`); one read (:func:`esa.scorescan.scan`, of |S| for a signed metric, never
+    materialised on a GPU) that gives the block extrema, the zero count, finiteness and, with ``summarize``, the
+    float64 power sums about the sample's mean; then two selections among the best k blocks
+    (:func:`esa.scorescan.block_select`), the largest max(k, tail) scores serving both the top-k and the tail
+    statistics.
     """
     out = {}
     tail = max(k, MIN_TAIL_VALUES)
@@ -68,18 +70,19 @@ def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_
         if t.name not in scores.scores:
             continue
         s = scores.scores[t.name]
-        view = ranking_view(s, scores.metric)
-        flat = view.detach().reshape(-1)
+        flat = s.detach().reshape(-1)
+        absolute = is_signed(scores.metric)  # rank |S|, taken as each element is read (no copy of the buffer)
         sample = tailstats.draw_sample(flat, seed) if summarize else None
+        sample = sample.abs() if sample is not None and absolute else sample
         shift = float(sample.double().mean()) if sample is not None else None
-        scanned = scan(flat, shift=shift, nonzero_min=skip_unused)
-        top = tensor_candidates(t.name, s, tail if summarize else k, largest=True, metric=scores.metric, view=view,
+        scanned = scan(flat, shift=shift, nonzero_min=skip_unused, absolute=absolute)
+        top = tensor_candidates(t.name, s, tail if summarize else k, largest=True, metric=scores.metric,
                                 scanned=scanned)
         bottom = tensor_candidates(t.name, s, k, largest=False, metric=scores.metric, skip_unused=skip_unused,
-                                   view=view, scanned=scanned)
+                                   scanned=scanned)
         summary = None
         if summarize:
-            summary = tailstats.summarize(view, tail, seed=seed, top=top.values, sample=sample,
+            summary = tailstats.summarize(s, tail, seed=seed, top=top.values, sample=sample,
                                           stats=tailstats.scan_moments(scanned))
         out[t.name] = Reduced(top, bottom, summary, expert_mass(s) if summarize and t.is_expert_stack else None)
     return out
@@ -91,7 +94,9 @@ def score_and_select(session: Session, sel: SelectionConfig, windows: torch.Tens
     group's score buffers at a time,
     keeping per tensor only its candidates and summary; ``on_scores(ScoreSet)`` sees each group's buffers first.
 
-    Returns the selection and a description of the scoring (metric, batches, groups, the metric's notes).
+    Returns the selection and a description of the scoring (metric, batches, groups, the metric's notes, and
+    ``selection_s``: the seconds of it spent on selection and summaries, between the scores' completion and the
+    candidates' arrival on the host).
     """
     tensors = scored_tensors(session.loaded.model, sel)
     if groups is None and sel.score_groups is None:
@@ -107,8 +112,10 @@ def score_and_select(session: Session, sel: SelectionConfig, windows: torch.Tens
                                 group=[t.name for t in group])
         if on_scores is not None:
             on_scores(scores)
+        started = _settled(session)
         reduced.update(reduce_scores(scores, sel.topk, summarize=summarize, seed=seed,
                                      skip_unused=not sel.bottom_k_include_unused))
+        described["selection_s"] = described.get("selection_s", 0.0) + _settled(session) - started
         described["n_batches"] = scores.n_batches
         for key, value in scores.meta.items():  # act_mag lists skipped tensors per group
             described["meta"][key] = described["meta"].get(key, []) + value if isinstance(value, list) else value
@@ -120,6 +127,13 @@ def score_and_select(session: Session, sel: SelectionConfig, windows: torch.Tens
     summaries = {n: r.summary for n, r in reduced.items()} if summarize else {}
     masses = {n: r.expert_mass for n, r in reduced.items() if r.expert_mass is not None}
     return Selection(infos, top, bottom, summaries, masses), described
+
+
+def _settled(session: Session) -> float:
+    """time.perf_counter() once the session's device has finished its queued work (CUDA runs asynchronously)."""
+    if session.loaded.device.type == "cuda":
+        torch.cuda.synchronize(session.loaded.device)
+    return time.perf_counter()
 
 
 def seeded_selections(session: Session, sel: SelectionConfig, seeds: list[int], fraction: float, *,

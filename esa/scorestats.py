@@ -47,38 +47,84 @@ def statistics_workers(n: int) -> int:
     return min(cores, n // 8) if cores > 1 else 0
 
 
-def describe_all(summaries: list[tailstats.TensorSummary], k: int, *, workers: int | None = None,
-                 fallback: bool = True) -> list[dict]:
-    """:func:`esa.tailstats.describe` of each summary, in order. The fits (a Nelder–Mead lognormal and a bounded
-    stretched-exponential maximum likelihood per distribution) are what the statistics phase costs, so with many
-    distributions they run in ``workers`` spawned processes (default :func:`statistics_workers`); each is a pure
-    function of its summary, so the results are the same floats either way. A pool that cannot start falls back
-    to this process (``fallback=False``: the error is raised)."""
-    workers = statistics_workers(len(summaries)) if workers is None else workers
-    if workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+class FitWorkers:
+    """The worker processes of :func:`describe_all`, as a context manager that always shuts them down.
+
+    Each worker is a spawned interpreter that imports numpy and scipy before its first fit (about a second).
+    Opened before the scores exist, as ``esa profile`` does, the workers start while the model is scored, so that
+    start is not paid in the statistics phase. ``workers`` ≤ 1: no processes, the fits run in this process. A pool
+    that cannot start leaves the fits to this process, unless ``describe(..., fallback=False)``, which raises."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool = None
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> FitWorkers:
+        if self.workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            try:
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+                for _ in range(self.workers):  # a task per worker starts every worker now, in the background
+                    self._pool.submit(tailstats.ready)
+            except OSError as e:
+                self._error = e
+                self._shut()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._shut()
+        return False
+
+    def _shut(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def describe(self, summaries: list[tailstats.TensorSummary], k: int, *, fallback: bool = True) -> list[dict]:
+        """:func:`esa.tailstats.describe` of each summary, in order, in the workers when there are some."""
         from concurrent.futures.process import BrokenProcessPool
 
-        try:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                return list(pool.map(tailstats.describe, summaries, itertools.repeat(k),
-                                     chunksize=max(1, len(summaries) // (4 * workers))))
-        except (OSError, BrokenProcessPool):
-            if not fallback:
-                raise
-    return [tailstats.describe(s, k) for s in summaries]
+        if self._error is not None and not fallback:
+            raise self._error
+        if self._pool is not None:
+            try:
+                return list(self._pool.map(tailstats.describe, summaries, itertools.repeat(k),
+                                           chunksize=max(1, len(summaries) // (4 * self.workers))))
+            except (OSError, BrokenProcessPool):
+                if not fallback:
+                    raise
+        return [tailstats.describe(s, k) for s in summaries]
 
 
-def score_statistics(selection: Selection, k: int, *, workers: int | None = None) -> tuple[dict, list[tuple]]:
-    """(score_stats.json content, tensor_stats.csv rows); the tail fits through :func:`describe_all`."""
+def describe_all(summaries: list[tailstats.TensorSummary], k: int, *, workers: int | None = None,
+                 fallback: bool = True, fits: FitWorkers | None = None) -> list[dict]:
+    """:func:`esa.tailstats.describe` of each summary, in order. The fits (a Nelder–Mead lognormal and a bounded
+    stretched-exponential maximum likelihood per distribution) are what the statistics phase costs, so with many
+    distributions they run in worker processes: ``fits`` (opened earlier by the caller), else ``workers`` of them
+    started here (default :func:`statistics_workers`). Each fit is a pure function of its summary, so the results
+    are the same floats either way. A pool that cannot start falls back to this process (``fallback=False``: the
+    error is raised)."""
+    if fits is not None:
+        return fits.describe(summaries, k, fallback=fallback)
+    with FitWorkers(statistics_workers(len(summaries)) if workers is None else workers) as started:
+        return started.describe(summaries, k, fallback=fallback)
+
+
+def score_statistics(selection: Selection, k: int, *, workers: int | None = None, fits: FitWorkers | None = None
+                     ) -> tuple[dict, list[tuple]]:
+    """(score_stats.json content, tensor_stats.csv rows); the tail fits through :func:`describe_all` (in ``fits``
+    when the caller opened them)."""
     tail = max(k, MIN_TAIL_VALUES)
     components: dict[str, list[tailstats.TensorSummary]] = {}
     for t in selection.tensors:
         components.setdefault(_group_key(t), []).append(selection.summaries[t.name])
     pooled = [tailstats.combine(list(selection.summaries.values()), tail=tail)]
     pooled += [tailstats.combine(s, tail=tail) for s in components.values()]
-    described = describe_all([selection.summaries[t.name] for t in selection.tensors] + pooled, k, workers=workers)
+    described = describe_all([selection.summaries[t.name] for t in selection.tensors] + pooled, k, workers=workers,
+                             fits=fits)
     per_tensor = {}
     rows = []
     for t, d in zip(selection.tensors, described):

@@ -89,21 +89,21 @@ class Candidates:
 
 
 def tensor_candidates(name: str, score: torch.Tensor, k: int, *, largest: bool = True, metric: str = "",
-                      skip_unused: bool = False, view: torch.Tensor | None = None, scanned: Scan | None = None
-                      ) -> Candidates:
-    """The best ``min(k, numel)`` of one score buffer, ranked by :func:`esa.scoring.ranking_view` for ``metric``;
-    NaN or inf scores are refused. ``skip_unused`` (bottom-k only): zero scores are not ranked (module docstring),
-    so fewer than k may come back.
+                      skip_unused: bool = False, scanned: Scan | None = None) -> Candidates:
+    """The best ``min(k, numel)`` of one score buffer, ranked by :func:`esa.scoring.ranking_view` for ``metric``
+    (|S| of a signed metric, taken as the elements are read: never a copy of the buffer on a GPU); NaN or inf
+    scores are refused. ``skip_unused`` (bottom-k only): zero scores are not ranked (module docstring), so fewer
+    than k may come back.
 
-    ``view`` (the ranking view) and ``scanned`` (:func:`esa.scorescan.scan` of it, with ``nonzero_min`` for a
-    bottom-k that skips unused weights) save a caller that has them the buffer's read: the selection then reads
-    only the best k blocks of the buffer (:func:`esa.scorescan.block_select`).
+    ``scanned`` (:func:`esa.scorescan.scan` of the ranking view, with ``nonzero_min`` for a bottom-k that skips
+    unused weights) saves a caller that has it the buffer's read: the selection then reads only the best k blocks
+    of the buffer (:func:`esa.scorescan.block_select`).
     """
-    view = ranking_view(score, metric) if view is None else view
-    flat = view.detach().reshape(-1)
+    flat = score.detach().reshape(-1)
+    absolute = is_signed(metric)
     skip_unused = skip_unused and not largest
     if scanned is None:
-        scanned = scan(flat, nonzero_min=skip_unused)
+        scanned = scan(flat, nonzero_min=skip_unused, absolute=absolute)
     if not scanned.finite:
         raise EsaError(f"scores of {name} contain NaN or inf: the loss or the weights are broken "
                        "(check the baseline, or try --dtype float32)")
@@ -111,16 +111,17 @@ def tensor_candidates(name: str, score: torch.Tensor, k: int, *, largest: bool =
     k = min(k, score.numel())
     found = None
     if flat.numel() > max(BLOCK_SELECT_MIN_NUMEL, 8 * k):
-        found = block_select(flat, scanned, k, largest=largest, skip_zeros=bool(unused))
+        found = block_select(flat, scanned, k, largest=largest, skip_zeros=bool(unused), absolute=absolute)
     if found is None:  # the exact selection over the whole buffer
-        ranked = flat.masked_fill(flat == 0, math.inf) if unused else flat  # +inf never precedes a used weight
+        view = ranking_view(flat, metric)
+        ranked = view.masked_fill(view == 0, math.inf) if unused else view  # +inf never precedes a used weight
         values, idx = topk(ranked, k, largest=largest)
         if unused:
             used = torch.isfinite(values)
             values, idx = values[used], idx[used]
     else:
         values, idx = found
-    reported = score.reshape(-1)[idx] if is_signed(metric) else values
+    reported = flat[idx] if absolute else values
     return Candidates(values.cpu(), idx.cpu(), reported.float().cpu(), unused)
 
 

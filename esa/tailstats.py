@@ -57,6 +57,11 @@ class TensorSummary:
     sample: np.ndarray  # seeded uniform sample (or every element)
 
 
+def ready() -> bool:
+    """A task that only makes a worker process import this module (numpy, scipy): see esa.scorestats.FitWorkers."""
+    return True
+
+
 def draw_sample(flat: torch.Tensor, seed: int) -> torch.Tensor:
     """The seeded uniform sample of a flat score buffer (every element when it has at most ``SAMPLE``), on the
     buffer's device: the summary's sample, whose mean is also the shift of the power sums (:func:`moments`)."""

@@ -11,12 +11,12 @@ subnormal's fourth power (2⁻⁵⁹⁶) is still normal in float64, so no power
 makes Σy non-finite (how callers detect broken scores). The shift is rounded to float32 first (a Triton kernel takes
 a Python float as float32), by :func:`power_sums` and :func:`central_moments` alike.
 
-The Triton kernel reads each element once: each program reduces ``BLOCK`` elements to four float64 partial sums,
-and torch adds the partials in float64. The torch reference copies ``x`` chunk by chunk into a float64 buffer of
-at most ``TORCH_CHUNK`` elements per thread (sized to stay in each core's cache) next to its squares, and takes the
-sums from them (the products with ``torch.dot``, which reads without writing: the fastest of the forms that
-``python -m bench.cpu_scan`` compares, measured on a 16-core host). The two backends agree to float64 rounding
-(summation order differs).
+The torch reference copies ``x`` chunk by chunk into a float64 buffer of at most ``TORCH_CHUNK`` elements per
+thread (sized to stay in each core's cache) next to its squares, and takes the sums from them (the products with
+``torch.dot``, which reads without writing: the fastest of the forms that ``python -m bench.cpu_scan`` compares,
+measured on a 16-core host); :func:`power_sums_compiled` fuses the same arithmetic into one compiled loop for large
+CPU buffers. On a GPU the sums are taken in the same read as the block extrema, by
+:func:`esa.kernels.blockscan.block_scan`. The forms agree to float64 rounding (summation order differs).
 """
 
 from __future__ import annotations
@@ -25,13 +25,11 @@ import warnings
 
 import torch
 
-from esa.kernels.dispatch import backend_for, cdiv, requested_backend, tl, triton
+from esa.kernels.dispatch import requested_backend
 
 #: Elements per chunk of the torch reference and per CPU thread: a 1 MiB float64 buffer and one for its squares
 #: (cache-sized on a CPU; each of torch's threads takes its own slice of a chunk).
 TORCH_CHUNK = 1 << 17
-#: Elements per Triton program.
-BLOCK = 4096
 
 #: CPU buffers of at least this many elements take :func:`power_sums_compiled` (its compile, about 25 s once per
 #: process on 2 cores, pays for itself from here on).
@@ -122,40 +120,10 @@ def power_sums_compiled(x: torch.Tensor, shift: float) -> PowerSums | None:
     return tuple(a + b for a, b in zip(total.tolist(), rest))  # type: ignore[return-value]
 
 
-@triton.jit
-def _power_sums_kernel(x_ptr, out_ptr, n, shift, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
-    x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float64)
-    y = tl.where(inside, x - shift, 0.0)
-    sq = y * y
-    base = out_ptr + pid.to(tl.int64) * 4
-    tl.store(base + 0, tl.sum(y, axis=0))
-    tl.store(base + 1, tl.sum(sq, axis=0))
-    tl.store(base + 2, tl.sum(sq * y, axis=0))
-    tl.store(base + 3, tl.sum(sq * sq, axis=0))
-
-
-def power_sums_triton(x: torch.Tensor, shift: float, work: torch.Tensor | None = None) -> PowerSums:
-    """Triton form of :func:`power_sums` (one read of ``x``; the partial sums are float64; ``work`` is unused)."""
-    flat = _check(x).contiguous()
-    shift = shift_of(shift)
-    n = flat.numel()
-    if n == 0:
-        return 0.0, 0.0, 0.0, 0.0
-    programs = cdiv(n, BLOCK)
-    partial = torch.empty((programs, 4), dtype=torch.float64, device=flat.device)
-    _power_sums_kernel[(programs,)](flat, partial, n, shift, BLOCK=BLOCK)
-    s1, s2, s3, s4 = partial.sum(0).tolist()
-    return s1, s2, s3, s4
-
-
 def power_sums(x: torch.Tensor, shift: float, work: torch.Tensor | None = None) -> PowerSums:
     """(Σy, Σy², Σy³, Σy⁴) of float32 ``x`` with y = x − ``shift``, in float64 (module docstring). ``work``: the
     torch reference's scratch (:func:`work_buffers`), for a caller that sums many chunks."""
-    impl = power_sums_triton if backend_for(x) == "triton" else power_sums_torch
-    return impl(x, shift, work)
+    return power_sums_torch(x, shift, work)
 
 
 def central_moments(sums: PowerSums, n: int, shift: float) -> tuple[float, float, float, float]:

@@ -10,6 +10,7 @@ Triton's on-disk cache makes later sessions fast).
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 
 import pytest
@@ -104,6 +105,9 @@ def test_every_constexpr_combination_esa_launches_is_compiled(report: dict) -> N
         assert hist == {(s, largest) for s in topk._SHIFTS for largest in (True, False)}
         for kernel in ("_count_beyond_and_ties_kernel", "_compact_ordered_kernel", "_compact_all_kernel"):
             assert {v["constexprs"]["LARGEST"] for v in _variants(report, kernel) if v["cc"] == cc} == {True, False}
+        scans = {(v["constexprs"]["ABSOLUTE"], v["constexprs"]["NONZERO_MIN"], v["constexprs"]["SUMS"])
+                 for v in _variants(report, "_block_scan_kernel") if v["cc"] == cc}
+        assert scans == set(itertools.product((False, True), repeat=3))
         restored = {v["signature"]["bits_ptr"] for v in _variants(report, "_restore_kernel") if v["cc"] == cc}
         assert restored == {"*i16", "*i32"}
     assert perturb.BLOCK in {v["constexprs"]["BLOCK"] for v in _variants(report, "_perturb_kernel")}

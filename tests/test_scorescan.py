@@ -84,26 +84,30 @@ def test_empty_buffer():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("gpu_chunk", [BLOCK * 3, scorescan.GPU_CHUNK])
-def test_cuda_scan_and_selection_equal_the_cpu_ones(gpu_chunk, monkeypatch):
-    """On a GPU the chunks are large and the power sums are the Triton kernel: the same extrema, zeros and
-    selections as on the CPU, and the same moments to float64 rounding."""
+@pytest.mark.parametrize("absolute", [False, True])
+def test_cuda_scan_and_selection_equal_the_cpu_ones(absolute):
+    """On a GPU the scan is one Triton kernel (|S| taken as it reads) and block selection ranks by stable sorts:
+    the same extrema, zeros and selections as the CPU's chunked scan and topk, the same moments to float64
+    rounding."""
     from esa.scorescan import block_select
 
-    monkeypatch.setattr(scorescan, "GPU_CHUNK", gpu_chunk)
     rng = np.random.default_rng(5)
     x = rng.lognormal(-3, 2, 100 * BLOCK + 17).astype(np.float32)
+    if absolute:
+        x *= rng.choice([-1, 1], x.size).astype(np.float32)
     x[rng.random(x.size) < 0.3] = 0
     x[5 * BLOCK : 9 * BLOCK] = 0  # whole blocks of zeros
+    x[-40:] = x[3]  # ties across blocks
     cpu = torch.from_numpy(x)
-    shift = float(cpu[:500].double().mean())
-    a, b = scan(cpu, shift=shift, nonzero_min=True), scan(cpu.cuda(), shift=shift, nonzero_min=True)
+    shift = float(cpu[:500].abs().double().mean())
+    a = scan(cpu, shift=shift, nonzero_min=True, absolute=absolute)
+    b = scan(cpu.cuda(), shift=shift, nonzero_min=True, absolute=absolute)
     assert a.block_max.tolist() == b.block_max.cpu().tolist() and a.block_min.tolist() == b.block_min.cpu().tolist()
     assert a.zeros == b.zeros and b.finite
     assert b.moments() == pytest.approx(a.moments(), rel=1e-12)
     for largest in (True, False):
-        ca = block_select(cpu, a, 10, largest=largest, skip_zeros=not largest)
-        cb = block_select(cpu.cuda(), b, 10, largest=largest, skip_zeros=not largest)
+        ca = block_select(cpu, a, 10, largest=largest, skip_zeros=not largest, absolute=absolute)
+        cb = block_select(cpu.cuda(), b, 10, largest=largest, skip_zeros=not largest, absolute=absolute)
         assert ca[1].tolist() == cb[1].cpu().tolist() and ca[0].tolist() == cb[0].cpu().tolist()
 
 
@@ -126,3 +130,51 @@ def test_a_large_cpu_buffer_takes_the_compiled_power_sums_with_the_same_moments(
     assert len(calls) == 2 and moments._compiled.get("fn") is not None  # the compiled path served the first
     assert compiled.block_max.tolist() == reference.block_max.tolist() and compiled.zeros == reference.zeros
     assert compiled.moments() == pytest.approx(reference.moments(), rel=1e-12)
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_the_fused_triton_scan_equals_the_cpu_scan(absolute):
+    """On a GPU ``scan`` is one Triton kernel (:mod:`esa.kernels.blockscan`, interpreted here), |S| taken as it
+    reads: the same extrema, zero count and finiteness as the CPU's chunked scan of the materialised view, moments
+    equal to float64 rounding."""
+    from esa.kernels.dispatch import HAS_TRITON, force_backend
+
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    rng = np.random.default_rng(11)
+    x = (rng.lognormal(-3, 2, 40 * BLOCK + 9) * rng.choice([-1, 1], 40 * BLOCK + 9)).astype(np.float32)
+    x[rng.random(x.size) < 0.3] = 0
+    x[2 * BLOCK : 5 * BLOCK] = 0
+    x = torch.from_numpy(x)
+    view = x.abs() if absolute else x
+    with force_backend("torch"):
+        reference = scan(view, shift=0.01, nonzero_min=True)
+    with force_backend("triton"):
+        fused = scan(x, shift=0.01, nonzero_min=True, absolute=absolute)
+    assert fused.block_max.tolist() == reference.block_max.tolist()
+    assert fused.block_min.tolist() == reference.block_min.tolist()
+    assert fused.zeros == reference.zeros and fused.finite and reference.finite
+    assert fused.moments() == pytest.approx(reference.moments(), rel=1e-12)
+    x[17] = math.nan
+    with force_backend("triton"):
+        assert not scan(x, absolute=absolute).finite
+
+
+def test_signed_scores_are_ranked_by_magnitude_without_a_copy_and_reported_with_their_sign():
+    """A signed metric's selection ranks |S| through the scan's ``absolute`` (no |S| buffer), both block-selection
+    strategies give the full sort's result, and the reported scores keep their sign."""
+    from esa.selection import tensor_candidates
+
+    rng = np.random.default_rng(3)
+    n = 110_000  # 50 blocks are under 1/BLOCK_SELECT_SHARE of it: the block path
+    x = torch.from_numpy((rng.standard_normal(n) ** 3).astype(np.float32))
+    x[rng.random(n) < 0.2] = 0
+    order = np.lexsort((np.arange(n), -np.abs(x.numpy())))[:50]
+    got = tensor_candidates("t", x, 50, largest=True, metric="taylor")
+    assert got.index.tolist() == order.tolist()
+    assert got.values.tolist() == np.abs(x.numpy()[order]).tolist()
+    assert got.reported.tolist() == x.numpy()[order].tolist()
+    scanned = scan(x, absolute=True)
+    for by_sort in (False, True):
+        values, index = scorescan.block_select(x, scanned, 50, largest=True, absolute=True, by_sort=by_sort)
+        assert index.tolist() == order.tolist() and values.tolist() == got.values.tolist()

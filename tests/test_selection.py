@@ -158,7 +158,8 @@ def reference_extreme(x: torch.Tensor, k: int, largest: bool, skip_zeros: bool) 
 
 @pytest.mark.parametrize("largest,skip_zeros", [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("case", ["continuous", "ties", "mostly_zero", "constant"])
-def test_block_selection_equals_a_full_sort(largest, skip_zeros, case):
+@pytest.mark.parametrize("by_sort", [False, True], ids=["topk", "sort"])
+def test_block_selection_equals_a_full_sort(largest, skip_zeros, case, by_sort):
     """Large enough to take the block path (more than BLOCK_SELECT_MIN_NUMEL elements, a partial last block): ties
     at the k-th value, many zeros (bottom-k with and without unused weights) and a constant buffer (every block
     ties: the earliest win)."""
@@ -174,7 +175,7 @@ def test_block_selection_equals_a_full_sort(largest, skip_zeros, case):
         x = torch.full((n,), 0.25)
     scanned = scan(x, nonzero_min=skip_zeros)
     for k in (1, 100, 1500):
-        found = block_select(x, scanned, k, largest=largest, skip_zeros=skip_zeros)
+        found = block_select(x, scanned, k, largest=largest, skip_zeros=skip_zeros, by_sort=by_sort)
         values, index = reference_extreme(x, k, largest, skip_zeros)
         if k * BLOCK * BLOCK_SELECT_SHARE <= x.numel():
             assert found is not None and found[1].tolist() == index and found[0].double().tolist() == values
@@ -201,9 +202,11 @@ def test_block_selection_is_exact_under_heavy_ties(seed, k, extra_blocks, tail, 
     if zero_blocks:
         x[: n // 2 - n // 2 % BLOCK] = 0
     x = torch.from_numpy(x)
-    found = block_select(x, scan(x, nonzero_min=skip_zeros), k, largest=largest, skip_zeros=skip_zeros)
     ref_values, ref_index = reference_extreme(x, k, largest, skip_zeros)
-    assert found is not None and found[1].tolist() == ref_index and found[0].double().tolist() == ref_values
+    for by_sort in (False, True):  # the CPU's selection of k blocks and the GPU's stable sorts
+        found = block_select(x, scan(x, nonzero_min=skip_zeros), k, largest=largest, skip_zeros=skip_zeros,
+                             by_sort=by_sort)
+        assert found is not None and found[1].tolist() == ref_index and found[0].double().tolist() == ref_values
 
 
 def test_non_finite_scores_are_refused():

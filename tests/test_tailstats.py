@@ -145,7 +145,7 @@ def test_fits_in_worker_processes_are_the_same_floats(rng):
     """esa.scorestats.describe_all spreads the fits over spawned processes for many tensors: same results."""
     import json
 
-    from esa.scorestats import describe_all
+    from esa.scorestats import FitWorkers, describe_all
 
     summaries = [tailstats.summarize(torch.from_numpy(rng.lognormal(0, s, 20_000)).float(), 1000, seed=1)
                  for s in (0.5, 1.0, 2.0, 3.0)]
@@ -153,3 +153,7 @@ def test_fits_in_worker_processes_are_the_same_floats(rng):
     pooled = describe_all(summaries, 100, workers=2, fallback=False)
     assert json.dumps(pooled) == json.dumps(serial)  # NaN-proof, and every float to the last digit
     assert [d["numel"] for d in pooled] == [20_000] * 4
+    with FitWorkers(2) as fits:  # started before the summaries exist, as esa profile starts them before scoring
+        assert fits._pool is not None
+        early = describe_all(summaries, 100, fits=fits, fallback=False)
+    assert json.dumps(early) == json.dumps(serial) and fits._pool is None  # shut down on leaving

@@ -13,7 +13,8 @@ Files in the run directory:
   ``bottom_k`` how many unused (zero-score) weights bottom-k left out: see :mod:`esa.selection`);
 - ``stability.json`` and ``stability/top_weights_seed<S>.csv`` with ``--stability-check``;
 - ``scores.safetensors`` with ``--save-scores`` (float32, one entry per tensor: 4 bytes per weight);
-- ``plots/`` with ``--save-plots``; ``config.json``; ``experiment_manifest.json`` (last).
+- ``plots/`` with ``--save-plots``; ``config.json``; ``experiment_manifest.json`` (last: under ``timings_s`` the
+  phases, under ``scoring.selection_s`` the part of the score phase spent selecting and summarising).
 
 Score groups: the scored tensors are split into contiguous groups (``--score-groups``, or the plan's choice on
 CUDA), each scored in its own pass over the same windows; of each buffer only its top and bottom candidates and
@@ -38,8 +39,8 @@ from esa.planning import predicted_peak, refuse_if_it_cannot_fit, with_planned_b
 from esa.runio import MANIFEST, atomic_write_csv, atomic_write_json, begin_run, prepare_run_dir
 from esa.scorefile import ScoreFile
 from esa.scoreselect import open_for_selection, resolved_for, score_and_select
-from esa.scorestats import (STATS_COLUMNS, bottom_k_record, experts_table, location_table, score_statistics,
-                            top1_record)
+from esa.scorestats import (STATS_COLUMNS, FitWorkers, bottom_k_record, experts_table, location_table,
+                            score_statistics, statistics_workers, top1_record)
 from esa.scoring import needs_data
 from esa.session import Session
 from esa.stability import stability
@@ -64,17 +65,22 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
     sel = config.selection
     score_file = _open_score_file(out_dir, model, sel, session.windows.n, config.data.batch_size) \
         if config.save_scores and distributed.is_main() else None  # under torchrun, rank 0 writes
+    # The tail fits' worker processes start now, while the model is scored (one distribution per scored tensor,
+    # per component and the model's).
+    fits = FitWorkers(statistics_workers(len(scored_tensors(model, sel)) + 1))
     try:
-        with timer.phase("score"):
-            selection, scoring = score_and_select(
-                session, sel, session.windows.input_ids, batch_size=config.data.batch_size, seed=config.data.seed,
-                summarize=True,
-                on_scores=None if score_file is None else lambda s: [score_file.add(n, v) for n, v in s.scores.items()])
-        with timer.phase("statistics"):
-            stats, stat_rows = score_statistics(selection, sel.topk)
-            loc_rows, loc_summary = location_table(selection)
-            curves = ccdf_curves(selection)
-            exp_rows = experts_table(selection)
+        with fits:
+            with timer.phase("score"):
+                selection, scoring = score_and_select(
+                    session, sel, session.windows.input_ids, batch_size=config.data.batch_size,
+                    seed=config.data.seed, summarize=True,
+                    on_scores=None if score_file is None else lambda s: [score_file.add(n, v)
+                                                                         for n, v in s.scores.items()])
+            with timer.phase("statistics"):
+                stats, stat_rows = score_statistics(selection, sel.topk, fits=fits)
+                loc_rows, loc_summary = location_table(selection)
+                curves = ccdf_curves(selection)
+                exp_rows = experts_table(selection)
         stab = None
         if config.stability_check:
             with timer.phase("stability"):
@@ -129,6 +135,7 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
 
             profile_plots(out_dir / "plots", selection, loc_rows, curves, metric=sel.metric)
     extra = {**session.describe(), "scoring": {"metric": sel.metric, "score_groups": scoring["score_groups"],
+                                               "selection_s": round(scoring["selection_s"], 4),
                                                "tensors": [t.name for t in selection.tensors], **scoring["meta"]}}
     planned = predicted_peak(model, list(selection.tensors), command="profile", metric=sel.metric,
                              seq_len=session.windows.input_ids.shape[1], n_windows=session.windows.n,
