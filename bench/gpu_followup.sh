@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# The GPU-machine measurements that bench/gpu_check.sh does not take (issue 14 point 7, issue 16), in one call:
+# The GPU-machine measurements that bench/gpu_check.sh does not take (issue 14 point 7), in one call:
 #
 #     bash bench/gpu_followup.sh [OUT_DIR]        (default bench/out/followup)
 #
 # Steps, each under its own time limit, each logged to OUT_DIR/<step>.log; a failing step does not stop the next:
-#   kernels    pytest tests/test_kernels_moments.py tests/test_scorescan.py, the kernels compiled for this GPU
+#   kernels    pytest of the one-read scan kernel, the scan and block selection, compiled for this GPU
 #   sel_cuda   python -m bench.selection_vs_scoring --device cuda: selection + statistics against scoring at the
 #              issue's size (one Llama-3.1-8B-shaped layer, 1.3B float32 parameters, one 128-token window)
-#   devmap     bash bench/device_map_check.sh: esa baseline and perturb on one GPU and split GPU/CPU with
-#              --device-map auto --max-memory, compared
-#   sel_cpu    the same selection benchmark on this machine's CPU cores (about 16 GB of host memory)
-# Results: OUT_DIR/selection_vs_scoring_{cuda,cpu}.json, OUT_DIR/device_map/summary.json, the logs.
+#   share      python -m bench.selection_share: the same share in a whole esa profile at the runbook's size
+#              (random-weight Llama-3.1-8B, bf16, 64 windows of 2048 tokens, grad_x_weight per_layer)
+#   share_gl   the same, --mode global
+#   sel_cpu    bench.selection_vs_scoring on this machine's CPU cores (about 16 GB of host memory)
+# Results: OUT_DIR/selection_vs_scoring_{cuda,cpu}.json, OUT_DIR/selection_share_*.json, the logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -33,10 +34,15 @@ step() {  # step NAME LIMIT_S COMMAND...
     tail -n 4 "$OUT_DIR/$name.log"
 }
 
-step kernels 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels_moments.py tests/test_scorescan.py
+step kernels 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels_blockscan.py tests/test_scorescan.py \
+    tests/test_selection.py
 step sel_cuda 150 "$PYTHON" -m bench.selection_vs_scoring --device cuda
 cp bench/out/selection_vs_scoring_cuda.json "$OUT_DIR/" 2>/dev/null
-step devmap 150 bash bench/device_map_check.sh --out-dir "$OUT_DIR/device_map"
-step sel_cpu "${SEL_CPU_LIMIT:-240}" "$PYTHON" -m bench.selection_vs_scoring --device cpu
+step share 150 "$PYTHON" -m bench.selection_share --out-dir "$OUT_DIR/share"
+cp "$OUT_DIR/share/selection_share_cuda.json" "$OUT_DIR/selection_share_cuda_per_layer.json" 2>/dev/null
+step share_gl 120 "$PYTHON" -m bench.selection_share --mode global --out-dir "$OUT_DIR/share_global"
+cp "$OUT_DIR/share_global/selection_share_cuda.json" "$OUT_DIR/selection_share_cuda_global.json" 2>/dev/null
+rm -rf "$OUT_DIR/share" "$OUT_DIR/share_global"  # the profile runs themselves (CSV files of a random model)
+step sel_cpu "${SEL_CPU_LIMIT:-200}" "$PYTHON" -m bench.selection_vs_scoring --device cpu
 cp bench/out/selection_vs_scoring_cpu.json "$OUT_DIR/" 2>/dev/null
 exit 0
