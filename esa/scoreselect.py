@@ -12,7 +12,9 @@ Used by ``esa profile``, ``esa perturb`` (re-selection, stability) and ``esa val
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 
@@ -52,8 +54,8 @@ class Reduced:
     expert_mass: list[float] | None = None  # a fused expert stack's Σ|S| per expert (with ``summarize``)
 
 
-def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_unused: bool = True
-                  ) -> dict[str, Reduced]:
+def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_unused: bool = True,
+                  on_summary: Callable[[str, tailstats.TensorSummary], None] | None = None) -> dict[str, Reduced]:
     """Per scored tensor: its top-k and bottom-k candidates and, with ``summarize``, its tail-statistics summary
     (of |S| for a signed metric). ``skip_unused``: bottom-k leaves out zero-score weights (:mod:`esa.selection`).
 
@@ -62,7 +64,7 @@ def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_
     materialised on a GPU) that gives the block extrema, the zero count, finiteness and, with ``summarize``, the
     float64 power sums about the sample's mean; then two selections among the best k blocks
     (:func:`esa.scorescan.block_select`), the largest max(k, tail) scores serving both the top-k and the tail
-    statistics.
+    statistics. ``on_summary(name, summary)`` sees each summary as soon as it exists.
     """
     out = {}
     tail = max(k, MIN_TAIL_VALUES)
@@ -84,15 +86,19 @@ def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_
         if summarize:
             summary = tailstats.summarize(s, tail, seed=seed, top=top.values, sample=sample,
                                           stats=tailstats.scan_moments(scanned))
+            if on_summary is not None:
+                on_summary(t.name, summary)
         out[t.name] = Reduced(top, bottom, summary, expert_mass(s) if summarize and t.is_expert_stack else None)
     return out
 
 
 def score_and_select(session: Session, sel: SelectionConfig, windows: torch.Tensor, *, batch_size: int, seed: int,
-                     summarize: bool = False, groups: int | None = None, on_scores=None) -> tuple[Selection, dict]:
+                     summarize: bool = False, groups: int | None = None, on_scores=None, fits=None
+                     ) -> tuple[Selection, dict]:
     """Score the selected tensors in ``groups`` passes over ``windows`` (default: :func:`score_groups`), holding one
     group's score buffers at a time,
-    keeping per tensor only its candidates and summary; ``on_scores(ScoreSet)`` sees each group's buffers first.
+    keeping per tensor only its candidates and summary; ``on_scores(ScoreSet)`` sees each group's buffers first;
+    ``fits`` (:class:`esa.scorestats.FitWorkers`) gets each summary as it is made, to fit it while selection goes on.
 
     Returns the selection and a description of the scoring (metric, batches, groups, the metric's notes, and
     ``selection_s``: the seconds of it spent on selection and summaries, between the scores' completion and the
@@ -114,7 +120,8 @@ def score_and_select(session: Session, sel: SelectionConfig, windows: torch.Tens
             on_scores(scores)
         started = _settled(session)
         reduced.update(reduce_scores(scores, sel.topk, summarize=summarize, seed=seed,
-                                     skip_unused=not sel.bottom_k_include_unused))
+                                     skip_unused=not sel.bottom_k_include_unused,
+                                     on_summary=None if fits is None else partial(fits.prefetch, k=sel.topk)))
         described["selection_s"] = described.get("selection_s", 0.0) + _settled(session) - started
         described["n_batches"] = scores.n_batches
         for key, value in scores.meta.items():  # act_mag lists skipped tensors per group

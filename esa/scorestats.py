@@ -38,12 +38,14 @@ def _group_key(t: TensorInfo) -> str:
 STATISTICS_WORKERS_MIN_TENSORS = 64  # below this many distributions the fits run in this process
 
 
-def statistics_workers(n: int) -> int:
-    """Worker processes for ``n`` tail fits: one per available core, none for fewer than
-    :data:`STATISTICS_WORKERS_MIN_TENSORS` (starting a worker costs about what a few dozen fits do)."""
+def statistics_workers(n: int, *, leave: int = 0) -> int:
+    """Worker processes for ``n`` tail fits: one per available core but ``leave`` (kept for this process), none
+    for fewer than :data:`STATISTICS_WORKERS_MIN_TENSORS` distributions (starting a worker costs about what a few
+    dozen fits do) or when fewer than two cores would work."""
     if n < STATISTICS_WORKERS_MIN_TENSORS:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores -= leave
     return min(cores, n // 8) if cores > 1 else 0
 
 
@@ -52,27 +54,38 @@ class FitWorkers:
 
     Each worker is a spawned interpreter that imports numpy and scipy before its first fit (about a second).
     Opened before the scores exist, as ``esa profile`` does, the workers start while the model is scored, so that
-    start is not paid in the statistics phase. ``workers`` ≤ 1: no processes, the fits run in this process. A pool
+    start is not paid in the statistics phase; and each tensor's fits start as soon as its summary exists
+    (:meth:`prefetch`, called during selection), so only the pooled distributions are left for the statistics
+    phase. That pays where this process mostly waits for a GPU; where it scores on the CPU, the workers would
+    only take its cores, so ``early=False`` starts them at the first :meth:`describe` and ignores prefetches.
+    ``workers`` ≤ 1: no processes, the fits run in this process. A pool
     that cannot start leaves the fits to this process, unless ``describe(..., fallback=False)``, which raises."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, *, early: bool = True) -> None:
         self.workers = workers
+        self.early = early
         self._pool = None
         self._error: BaseException | None = None
+        self._early: dict[str, tuple] = {}  # key -> (summary, k, future) of prefetch()
 
     def __enter__(self) -> FitWorkers:
-        if self.workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            try:
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-                for _ in range(self.workers):  # a task per worker starts every worker now, in the background
-                    self._pool.submit(tailstats.ready)
-            except OSError as e:
-                self._error = e
-                self._shut()
+        if self.early:
+            self._start()
         return self
+
+    def _start(self) -> None:
+        if self.workers <= 1 or self._pool is not None or self._error is not None:
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        try:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            for _ in range(self.workers):  # a task per worker starts every worker now, in the background
+                self._pool.submit(tailstats.ready)
+        except OSError as e:
+            self._error = e
+            self._shut()
 
     def __exit__(self, *exc) -> bool:
         self._shut()
@@ -83,16 +96,36 @@ class FitWorkers:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def describe(self, summaries: list[tailstats.TensorSummary], k: int, *, fallback: bool = True) -> list[dict]:
-        """:func:`esa.tailstats.describe` of each summary, in order, in the workers when there are some."""
+    def prefetch(self, key: str, summary: tailstats.TensorSummary, k: int) -> None:
+        """Start the fits of ``summary`` in a worker now (while later tensors are still being selected);
+        :meth:`describe` collects them under ``key``. Without started workers (none, or not ``early``) nothing
+        happens here."""
         from concurrent.futures.process import BrokenProcessPool
 
+        if self._pool is not None:
+            try:
+                self._early[key] = (summary, k, self._pool.submit(tailstats.describe, summary, k))
+            except (RuntimeError, BrokenProcessPool):  # a broken pool: describe() falls back
+                pass
+
+    def describe(self, summaries: list[tailstats.TensorSummary], k: int, *, keys: list[str | None] | None = None,
+                 fallback: bool = True) -> list[dict]:
+        """:func:`esa.tailstats.describe` of each summary, in order, in the workers when there are some; a summary
+        prefetched under its key (the same object, the same k) is not fitted again."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        self._start()
         if self._error is not None and not fallback:
             raise self._error
         if self._pool is not None:
+            keys = keys or [None] * len(summaries)
+            early = [self._early.get(key) if key is not None else None for key in keys]
+            early = [e if e is not None and e[0] is s and e[1] == k else None for e, s in zip(early, summaries)]
             try:
-                return list(self._pool.map(tailstats.describe, summaries, itertools.repeat(k),
-                                           chunksize=max(1, len(summaries) // (4 * self.workers))))
+                rest = [s for s, e in zip(summaries, early) if e is None]
+                fitted = iter(self._pool.map(tailstats.describe, rest, itertools.repeat(k),
+                                             chunksize=max(1, len(rest) // (4 * self.workers))))
+                return [next(fitted) if e is None else e[2].result() for e in early]
             except (OSError, BrokenProcessPool):
                 if not fallback:
                     raise
@@ -100,15 +133,16 @@ class FitWorkers:
 
 
 def describe_all(summaries: list[tailstats.TensorSummary], k: int, *, workers: int | None = None,
-                 fallback: bool = True, fits: FitWorkers | None = None) -> list[dict]:
+                 fallback: bool = True, fits: FitWorkers | None = None, keys: list[str | None] | None = None
+                 ) -> list[dict]:
     """:func:`esa.tailstats.describe` of each summary, in order. The fits (a Nelder–Mead lognormal and a bounded
     stretched-exponential maximum likelihood per distribution) are what the statistics phase costs, so with many
     distributions they run in worker processes: ``fits`` (opened earlier by the caller), else ``workers`` of them
     started here (default :func:`statistics_workers`). Each fit is a pure function of its summary, so the results
     are the same floats either way. A pool that cannot start falls back to this process (``fallback=False``: the
-    error is raised)."""
+    error is raised). ``keys``: the names under which ``fits`` may hold summaries prefetched during selection."""
     if fits is not None:
-        return fits.describe(summaries, k, fallback=fallback)
+        return fits.describe(summaries, k, keys=keys, fallback=fallback)
     with FitWorkers(statistics_workers(len(summaries)) if workers is None else workers) as started:
         return started.describe(summaries, k, fallback=fallback)
 
@@ -124,7 +158,7 @@ def score_statistics(selection: Selection, k: int, *, workers: int | None = None
     pooled = [tailstats.combine(list(selection.summaries.values()), tail=tail)]
     pooled += [tailstats.combine(s, tail=tail) for s in components.values()]
     described = describe_all([selection.summaries[t.name] for t in selection.tensors] + pooled, k, workers=workers,
-                             fits=fits)
+                             fits=fits, keys=[t.name for t in selection.tensors] + [None] * len(pooled))
     per_tensor = {}
     rows = []
     for t, d in zip(selection.tensors, described):

@@ -70,8 +70,26 @@ def draw_sample(flat: torch.Tensor, seed: int) -> torch.Tensor:
     n = flat.numel()
     if n <= SAMPLE:
         return flat
-    g = torch.Generator().manual_seed(seed)
-    return flat[torch.randint(0, n, (SAMPLE,), generator=g).to(flat.device)]
+    return flat[_sample_index(n, seed, flat.device)]
+
+
+_SAMPLE_INDEX: dict = {}  # (numel, seed, device) -> the sample's indices: tensors of one shape share them
+_SAMPLE_INDEX_KEPT = 16
+
+
+def _sample_index(n: int, seed: int, device) -> torch.Tensor:
+    """SAMPLE indices uniform in [0, n) from a CPU generator seeded with ``seed`` (so every device draws the same
+    sample), on ``device``; kept for the last few (n, seed, device): a model's tensors come in a few shapes, and
+    drawing costs about as much as the rest of a small tensor's selection."""
+    import torch
+
+    key = (n, seed, str(device))
+    if key not in _SAMPLE_INDEX:
+        if len(_SAMPLE_INDEX) >= _SAMPLE_INDEX_KEPT:
+            _SAMPLE_INDEX.pop(next(iter(_SAMPLE_INDEX)))
+        g = torch.Generator().manual_seed(seed)
+        _SAMPLE_INDEX[key] = torch.randint(0, n, (SAMPLE,), generator=g).to(device)
+    return _SAMPLE_INDEX[key]
 
 
 Moments = tuple[float, int, float, float, float, float]

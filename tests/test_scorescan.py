@@ -147,17 +147,18 @@ def test_the_fused_triton_scan_equals_the_cpu_scan(absolute):
     x[2 * BLOCK : 5 * BLOCK] = 0
     x = torch.from_numpy(x)
     view = x.abs() if absolute else x
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted elsewhere
     with force_backend("torch"):
         reference = scan(view, shift=0.01, nonzero_min=True)
     with force_backend("triton"):
-        fused = scan(x, shift=0.01, nonzero_min=True, absolute=absolute)
+        fused = scan(x.to(device), shift=0.01, nonzero_min=True, absolute=absolute)
     assert fused.block_max.tolist() == reference.block_max.tolist()
     assert fused.block_min.tolist() == reference.block_min.tolist()
     assert fused.zeros == reference.zeros and fused.finite and reference.finite
     assert fused.moments() == pytest.approx(reference.moments(), rel=1e-12)
     x[17] = math.nan
     with force_backend("triton"):
-        assert not scan(x, absolute=absolute).finite
+        assert not scan(x.to(device), absolute=absolute).finite
 
 
 def test_signed_scores_are_ranked_by_magnitude_without_a_copy_and_reported_with_their_sign():

@@ -65,15 +65,17 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
     sel = config.selection
     score_file = _open_score_file(out_dir, model, sel, session.windows.n, config.data.batch_size) \
         if config.save_scores and distributed.is_main() else None  # under torchrun, rank 0 writes
-    # The tail fits' worker processes start now, while the model is scored (one distribution per scored tensor,
-    # per component and the model's).
-    fits = FitWorkers(statistics_workers(len(scored_tensors(model, sel)) + 1))
+    # On a GPU the tail fits' worker processes start now, while the model is scored, and each tensor's fits start
+    # as soon as its summary exists; on a CPU they would take the cores that score (one distribution per scored
+    # tensor, per component and the model's; one core is left to this process).
+    on_gpu = session.loaded.device.type == "cuda"
+    fits = FitWorkers(statistics_workers(len(scored_tensors(model, sel)) + 1, leave=int(on_gpu)), early=on_gpu)
     try:
         with fits:
             with timer.phase("score"):
                 selection, scoring = score_and_select(
                     session, sel, session.windows.input_ids, batch_size=config.data.batch_size,
-                    seed=config.data.seed, summarize=True,
+                    seed=config.data.seed, summarize=True, fits=fits,
                     on_scores=None if score_file is None else lambda s: [score_file.add(n, v)
                                                                          for n, v in s.scores.items()])
             with timer.phase("statistics"):
