@@ -10,7 +10,7 @@
 #   share      python -m bench.selection_share: the same share in a whole esa profile at the runbook's size
 #              (random-weight Llama-3.1-8B, bf16, 64 windows of 2048 tokens, grad_x_weight per_layer)
 #   share_gl   the same, --mode global
-#   sel_cpu    bench.selection_vs_scoring on this machine's CPU cores (about 16 GB of host memory)
+#   sel_cpu    bench.selection_vs_scoring on this machine's CPU cores (about 16 GB of host memory; SEL_CPU=0 skips it)
 # Results: OUT_DIR/selection_vs_scoring_{cuda,cpu}.json, OUT_DIR/selection_share_*.json, the logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,8 +34,7 @@ step() {  # step NAME LIMIT_S COMMAND...
     tail -n 4 "$OUT_DIR/$name.log"
 }
 
-step kernels 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels_blockscan.py tests/test_scorescan.py \
-    tests/test_selection.py
+step kernels 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels_blockscan.py tests/test_scorescan.py
 step sel_cuda 150 "$PYTHON" -m bench.selection_vs_scoring --device cuda
 cp bench/out/selection_vs_scoring_cuda.json "$OUT_DIR/" 2>/dev/null
 step share 150 "$PYTHON" -m bench.selection_share --out-dir "$OUT_DIR/share"
@@ -43,6 +42,8 @@ cp "$OUT_DIR/share/selection_share_cuda.json" "$OUT_DIR/selection_share_cuda_per
 step share_gl 120 "$PYTHON" -m bench.selection_share --mode global --out-dir "$OUT_DIR/share_global"
 cp "$OUT_DIR/share_global/selection_share_cuda.json" "$OUT_DIR/selection_share_cuda_global.json" 2>/dev/null
 rm -rf "$OUT_DIR/share" "$OUT_DIR/share_global"  # the profile runs themselves (CSV files of a random model)
-step sel_cpu "${SEL_CPU_LIMIT:-200}" "$PYTHON" -m bench.selection_vs_scoring --device cpu
-cp bench/out/selection_vs_scoring_cpu.json "$OUT_DIR/" 2>/dev/null
+if [ "${SEL_CPU:-1}" = 1 ]; then
+    step sel_cpu "${SEL_CPU_LIMIT:-200}" "$PYTHON" -m bench.selection_vs_scoring --device cpu
+    cp bench/out/selection_vs_scoring_cpu.json "$OUT_DIR/" 2>/dev/null
+fi
 exit 0

@@ -85,7 +85,7 @@ def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_
         summary = None
         if summarize:
             summary = tailstats.summarize(s, tail, seed=seed, top=top.values, sample=sample,
-                                          stats=tailstats.scan_moments(scanned))
+                                          stats=tailstats.scan_moments(scanned, float(top.values[0])))
             if on_summary is not None:
                 on_summary(t.name, summary)
         out[t.name] = Reduced(top, bottom, summary, expert_mass(s) if summarize and t.is_expert_stack else None)

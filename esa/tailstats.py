@@ -95,12 +95,14 @@ def _sample_index(n: int, seed: int, device) -> torch.Tensor:
 Moments = tuple[float, int, float, float, float, float]
 
 
-def scan_moments(scanned) -> Moments:
+def scan_moments(scanned, maximum: float | None = None) -> Moments:
     """(Σx, zeros, max, m2, m3, m4) of a buffer from its :class:`esa.scorescan.Scan` (made with a shift);
-    m_j = Σ(x − mean)^j / n, from float64 power sums about the shift (:mod:`esa.kernels.moments`)."""
+    m_j = Σ(x − mean)^j / n, from float64 power sums about the shift (:mod:`esa.kernels.moments`). ``maximum``:
+    the buffer's largest value when the caller has it (its top-1), else the largest block maximum."""
     mean, m2, m3, m4 = scanned.moments()
     n = scanned.numel
-    return mean * n, scanned.zeros, float(scanned.block_max.max()), m2, m3, m4
+    maximum = float(scanned.block_max.max()) if maximum is None else maximum
+    return mean * n, scanned.zeros, maximum, m2, m3, m4
 
 
 def moments(flat: torch.Tensor, seed: int = 0) -> Moments:
