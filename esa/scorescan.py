@@ -14,8 +14,9 @@ non-finite values counted in the same pass, |S| of a signed metric taken as it r
 On a CPU a chunk is ``CPU_CHUNK`` elements per thread of torch, small enough to stay in each core's cache: each
 element comes from memory once and every later operation on it reads the cache (the float64 power sums cost about
 1 ns per element on one core).
-A CPU buffer of at least ``esa.kernels.moments.COMPILED_MIN_NUMEL`` elements takes its power sums from
-:func:`esa.kernels.moments.power_sums_compiled` instead (one fused compiled loop, a second read of the buffer).
+A CPU buffer of at least ``esa.kernels.moments.COMPILED_MIN_NUMEL`` elements takes its power sums and block
+extrema from :func:`esa.kernels.moments.compiled_scan` instead (one fused compiled loop), all but its last partial
+chunk.
 With ``ESA_KERNELS=torch`` a GPU takes the CPU's form in chunks of ``GPU_CHUNK``. The result does not depend on
 the chunk size or the path beyond float64 rounding.
 
@@ -37,7 +38,7 @@ import torch
 from esa.kernels import topk
 from esa.kernels.blockscan import BLOCK, block_scan
 from esa.kernels.dispatch import backend_for
-from esa.kernels.moments import PowerSums, central_moments, power_sums, power_sums_compiled, work_buffers
+from esa.kernels.moments import PowerSums, central_moments, compiled_scan, power_sums, work_buffers
 
 CPU_CHUNK = BLOCK << 9  # 131,072 elements (512 KiB of float32) per thread
 GPU_CHUNK = BLOCK << 18  # 67,108,864 elements
@@ -82,25 +83,27 @@ def scan(flat: torch.Tensor, *, shift: float | None = None, nonzero_min: bool = 
     if absolute:
         flat = flat.abs()
     n = flat.numel()
+    compiled = compiled_scan(flat, shift, BLOCK) if shift is not None else None  # large buffers: one fused read
+    done, sums, highs, lows = 0, (0.0, 0.0, 0.0, 0.0), [], []
+    if compiled is not None:
+        done, sums, high, low = compiled
+        highs, lows = [high], [low]
     whole = n - n % BLOCK
-    rows = flat[:whole].view(-1, BLOCK)
+    rows = flat[done:whole].view(-1, BLOCK)
     step = _chunk_elements(flat) // BLOCK
     parts = [rows[r : r + step] for r in range(0, rows.shape[0], step)]
     if whole < n:
         parts.append(flat[whole:].view(1, -1))  # the last, shorter block
-    highs, lows = [], []
-    whole_sums = power_sums_compiled(flat, shift) if shift is not None else None  # large CPU buffers: one more read
-    sums = whole_sums or (0.0, 0.0, 0.0, 0.0)
-    chunk_sums = shift is not None and whole_sums is None
-    work = work_buffers(flat) if chunk_sums and not flat.is_cuda else None
+    work = work_buffers(flat) if shift is not None and parts and not flat.is_cuda else None
     for part in parts:
         highs.append(part.amax(dim=1))
         lows.append(part.amin(dim=1))
-        if chunk_sums:
+        if shift is not None:
             sums = tuple(a + b for a, b in zip(sums, power_sums(part, shift, work)))
     high = torch.cat(highs) if highs else flat.new_empty(0)
     low = torch.cat(lows) if lows else flat.new_empty(0)
     finite = bool(torch.isfinite(high).all()) and bool(torch.isfinite(low).all())  # amax / amin propagate NaN
+    finite = finite and (shift is None or math.isfinite(sums[0]))  # so does Σy
     zeros, low = _count_zeros(flat, high, low, nonzero_min) if finite else (0, low)
     return Scan(n, high, low, zeros, finite, shift, sums if shift is not None else None)
 

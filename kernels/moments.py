@@ -14,8 +14,8 @@ a Python float as float32), by :func:`power_sums` and :func:`central_moments` al
 The torch reference copies ``x`` chunk by chunk into a float64 buffer of at most ``TORCH_CHUNK`` elements per
 thread (sized to stay in each core's cache) next to its squares, and takes the sums from them (the products with
 ``torch.dot``, which reads without writing: the fastest of the forms that ``python -m bench.cpu_scan`` compares,
-measured on a 16-core host); :func:`power_sums_compiled` fuses the same arithmetic into one compiled loop for large
-CPU buffers. On a GPU the sums are taken in the same read as the block extrema, by
+measured on a 16-core host); :func:`compiled_scan` fuses the same arithmetic into one compiled loop for large
+CPU buffers, with the block extrema of :mod:`esa.scorescan` in the same read. On a GPU the sums are taken in the same read as the block extrema, by
 :func:`esa.kernels.blockscan.block_scan`. The forms agree to float64 rounding (summation order differs).
 """
 
@@ -31,8 +31,8 @@ from esa.kernels.dispatch import requested_backend
 #: (cache-sized on a CPU; each of torch's threads takes its own slice of a chunk).
 TORCH_CHUNK = 1 << 17
 
-#: CPU buffers of at least this many elements take :func:`power_sums_compiled` (its compile, about 25 s once per
-#: process on 2 cores, pays for itself from here on).
+#: CPU buffers of at least this many elements take :func:`compiled_scan` (its compile, about 25 s once per process
+#: on 2 cores, pays for itself from here on).
 COMPILED_MIN_NUMEL = 1 << 26
 #: Elements per call of the compiled function: one shape, so it is compiled once.
 COMPILED_CHUNK = 1 << 24
@@ -85,39 +85,49 @@ def power_sums_torch(x: torch.Tensor, shift: float, work: torch.Tensor | None = 
     return s1, s2, s3, s4
 
 
-def _chunk_power_sums(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """[Σy, Σy², Σy³, Σy⁴] with y = x − shift in float64: what :func:`power_sums_compiled` compiles."""
+def _chunk_scan(x: torch.Tensor, shift: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
+    """([Σy, Σy², Σy³, Σy⁴] with y = x − shift in float64, per-``block`` maxima, per-``block`` minima) of one chunk
+    (a multiple of ``block`` elements): what :func:`compiled_scan` compiles into one loop."""
     y = x.double() - shift
     sq = y * y
-    return torch.stack([y.sum(), sq.sum(), (sq * y).sum(), (sq * sq).sum()])
+    rows = x.view(-1, block)
+    return torch.stack([y.sum(), sq.sum(), (sq * y).sum(), (sq * sq).sum()]), rows.amax(dim=1), rows.amin(dim=1)
 
 
-def power_sums_compiled(x: torch.Tensor, shift: float) -> PowerSums | None:
-    """:func:`power_sums` of a large CPU buffer through ``torch.compile`` (inductor's C++: one fused loop that reads
-    each element once, about 2.5x the torch reference's speed on 2 cores; ``python -m bench.cpu_scan``), in chunks
-    of ``COMPILED_CHUNK`` and the rest by the torch reference. None where it does not apply (a CUDA tensor, fewer
-    than ``COMPILED_MIN_NUMEL`` elements, ``ESA_KERNELS=torch``) or cannot run (compiling needs a C++ compiler; the
-    first failure is warned about once and remembered): the caller then uses the torch reference."""
+def compiled_scan(x: torch.Tensor, shift: float, block: int
+                  ) -> tuple[int, PowerSums, torch.Tensor, torch.Tensor] | None:
+    """The power sums and the per-``block`` maxima and minima of the leading ``done`` elements of a large CPU
+    buffer (``done``: a multiple of ``COMPILED_CHUNK``, itself a multiple of ``block``) through ``torch.compile``:
+    inductor's C++ fuses them into one loop that reads each element once (about 2.5x the torch reference's speed
+    for the sums alone on 2 cores, ``python -m bench.cpu_scan``; the extrema come with that read). Returns (done,
+    sums, maxima, minima); the caller scans the rest. None where it does not apply (a CUDA tensor, fewer than
+    ``COMPILED_MIN_NUMEL`` elements, ``ESA_KERNELS=torch``) or cannot run (compiling needs a C++ compiler; the
+    first failure is warned about once and remembered)."""
     flat = _check(x)
     if flat.is_cuda or flat.numel() < COMPILED_MIN_NUMEL or requested_backend() == "torch" or _compiled.get("failed"):
         return None
+    if COMPILED_CHUNK % block:
+        raise ValueError(f"COMPILED_CHUNK ({COMPILED_CHUNK}) is not a multiple of the block ({block})")
     shift = shift_of(shift)
-    whole = flat.numel() - flat.numel() % COMPILED_CHUNK
+    done = flat.numel() - flat.numel() % COMPILED_CHUNK
     total = torch.zeros(4, dtype=torch.float64)
+    highs, lows = [], []
     try:
         if "fn" not in _compiled:
-            _compiled["fn"] = torch.compile(_chunk_power_sums, dynamic=False)
+            _compiled["fn"] = torch.compile(_chunk_scan, dynamic=False)
         fn = _compiled["fn"]
         at = torch.tensor(shift, dtype=torch.float64)
-        for start in range(0, whole, COMPILED_CHUNK):
-            total += fn(flat[start : start + COMPILED_CHUNK], at)
+        for start in range(0, done, COMPILED_CHUNK):
+            sums, high, low = fn(flat[start : start + COMPILED_CHUNK], at, block)
+            total += sums
+            highs.append(high)
+            lows.append(low)
     except Exception as e:  # inductor raises its own error types (no compiler, a failed build): use the reference
         _compiled["failed"] = True
-        warnings.warn(f"esa: the compiled CPU power sums are unavailable ({type(e).__name__}); using torch's "
-                      "(slower)", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"esa: the compiled CPU scan is unavailable ({type(e).__name__}); using torch's (slower)",
+                      RuntimeWarning, stacklevel=2)
         return None
-    rest = power_sums_torch(flat[whole:], shift) if whole < flat.numel() else (0.0, 0.0, 0.0, 0.0)
-    return tuple(a + b for a, b in zip(total.tolist(), rest))  # type: ignore[return-value]
+    return done, tuple(total.tolist()), torch.cat(highs), torch.cat(lows)  # type: ignore[return-value]
 
 
 def power_sums(x: torch.Tensor, shift: float, work: torch.Tensor | None = None) -> PowerSums:

@@ -82,10 +82,11 @@ def test_refuses_other_dtypes():
         power_sums(torch.zeros(3, dtype=torch.float64), 0.0)
 
 
-def test_compiled_power_sums_equal_the_reference_and_fall_back_cleanly(monkeypatch):
-    """The compiled CPU path (made to apply to a small buffer: chunks of 2048, a partial rest) agrees with the torch
-    reference to float64 rounding; it stays out of the way on ESA_KERNELS=torch and on small buffers, and a
-    compiler that fails makes it return None once with a warning (the scan then sums chunk by chunk)."""
+def test_the_compiled_scan_equals_the_reference_and_falls_back_cleanly(monkeypatch):
+    """The compiled CPU scan (made to apply to a small buffer: chunks of 2048, a partial rest it leaves to the
+    caller) gives the torch reference's power sums to float64 rounding and the exact block extrema; it stays out of
+    the way on ESA_KERNELS=torch and on small buffers, and a compiler that fails makes it return None once with a
+    warning (the scan then works chunk by chunk)."""
     from esa.kernels import moments
     from esa.kernels.dispatch import force_backend
 
@@ -93,17 +94,21 @@ def test_compiled_power_sums_equal_the_reference_and_fall_back_cleanly(monkeypat
     monkeypatch.setattr(moments, "COMPILED_MIN_NUMEL", 4096)
     monkeypatch.setattr(moments, "COMPILED_CHUNK", 2048)
     x = _buffer(3 * 2048 + 77, 11)
-    got = moments.power_sums_compiled(x, 0.05)
-    assert got is not None and got == pytest.approx(power_sums_torch(x, 0.05), rel=1e-12)
-    assert moments.power_sums_compiled(x[:4000], 0.05) is None  # below COMPILED_MIN_NUMEL
+    got = moments.compiled_scan(x, 0.05, 256)
+    assert got is not None
+    done, sums, high, low = got
+    assert done == 3 * 2048 and sums == pytest.approx(power_sums_torch(x[:done], 0.05), rel=1e-12)
+    blocks = x[:done].view(-1, 256)
+    assert torch.equal(high, blocks.amax(dim=1)) and torch.equal(low, blocks.amin(dim=1))
+    assert moments.compiled_scan(x[:4000], 0.05, 256) is None  # below COMPILED_MIN_NUMEL
     with force_backend("torch"):
-        assert moments.power_sums_compiled(x, 0.05) is None
+        assert moments.compiled_scan(x, 0.05, 256) is None
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(moments, "_compiled", {})
     monkeypatch.setattr(torch, "compile", broken)
-    with pytest.warns(RuntimeWarning, match="compiled CPU power sums are unavailable"):
-        assert moments.power_sums_compiled(x, 0.05) is None
-    assert moments.power_sums_compiled(x, 0.05) is None  # remembered: no second warning, no second try
+    with pytest.warns(RuntimeWarning, match="compiled CPU scan is unavailable"):
+        assert moments.compiled_scan(x, 0.05, 256) is None
+    assert moments.compiled_scan(x, 0.05, 256) is None  # remembered: no second warning, no second try

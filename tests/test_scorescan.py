@@ -111,25 +111,29 @@ def test_cuda_scan_and_selection_equal_the_cpu_ones(absolute):
         assert ca[1].tolist() == cb[1].cpu().tolist() and ca[0].tolist() == cb[0].cpu().tolist()
 
 
-def test_a_large_cpu_buffer_takes_the_compiled_power_sums_with_the_same_moments(monkeypatch):
-    """Above COMPILED_MIN_NUMEL (made small here) the scan takes its power sums from the compiled path in one more
-    read: the same extrema and zeros, moments equal to float64 rounding."""
+def test_a_large_cpu_buffer_takes_the_compiled_scan_with_the_same_results(monkeypatch):
+    """Above COMPILED_MIN_NUMEL (made small here) the scan takes its power sums and block extrema from the compiled
+    path in one read, and the rest (a partial chunk, a short last block) chunk by chunk: the same extrema and
+    zeros, moments equal to float64 rounding; a NaN inside the compiled part is still caught."""
     from esa.kernels import moments
     from esa.kernels.dispatch import force_backend
 
     monkeypatch.setattr(moments, "COMPILED_MIN_NUMEL", 8 * BLOCK)
     monkeypatch.setattr(moments, "COMPILED_CHUNK", 4 * BLOCK)
     calls = []
-    real = moments.power_sums_compiled
-    monkeypatch.setattr(scorescan, "power_sums_compiled", lambda *a: calls.append(1) or real(*a))
+    real = moments.compiled_scan
+    monkeypatch.setattr(scorescan, "compiled_scan", lambda *a: calls.append(1) or real(*a))
     x = torch.from_numpy(np.random.default_rng(4).lognormal(-2, 2, 30 * BLOCK + 9)).float()
     x[: 3 * BLOCK] = 0
     compiled = scan(x, shift=0.2, nonzero_min=True)
     with force_backend("torch"):
         reference = scan(x, shift=0.2, nonzero_min=True)
     assert len(calls) == 2 and moments._compiled.get("fn") is not None  # the compiled path served the first
-    assert compiled.block_max.tolist() == reference.block_max.tolist() and compiled.zeros == reference.zeros
+    assert compiled.block_max.tolist() == reference.block_max.tolist()
+    assert compiled.block_min.tolist() == reference.block_min.tolist() and compiled.zeros == reference.zeros
     assert compiled.moments() == pytest.approx(reference.moments(), rel=1e-12)
+    x[5 * BLOCK + 3] = math.nan
+    assert not scan(x, shift=0.2).finite
 
 
 @pytest.mark.parametrize("absolute", [False, True])
