@@ -377,17 +377,42 @@ def _reset_peak(cuda: bool) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def random_model(config, described: str, device, dtype):
+    """(LoadedModel, corpus, token ids, whether the text is WikiText-2, seconds to build): a random-weight model
+    from ``config``, created and initialised on ``device`` itself, with esa's embedded tokenizer and WikiText-2's
+    test text (the embedded text when ``../shared/data`` lacks it), tokenized."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from esa.corpus import load_corpus
+    from esa.modeling import LoadedModel
+    from esa.tiny import ASSETS_DIR
+    from esa.windows import tokenize
+
+    start = time.perf_counter()
+    with torch.device(device):  # parameters are created and initialised on the device itself
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    init_s = time.perf_counter() - start
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR)
+    wikitext = (WIKITEXT / "wiki.test.raw").exists()
+    corpus = load_corpus("wikitext2", dataset_path=WIKITEXT) if wikitext else load_corpus("embedded")
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, model_id=described, source="random", revision=None,
+                         dtype=dtype, device=torch.device(device),
+                         max_positions=getattr(config, "max_position_embeddings", None))
+    return loaded, corpus, tokenize(tokenizer, corpus.text), wikitext, init_s
+
+
 def end_to_end_child(args: argparse.Namespace) -> int:
     """Measure one random-weight model end to end; every measurement goes to ``--child-end-to-end`` at once."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bench.end_to_end import plain_forward_backward, timed_ms
     from esa.commands.baseline import run_baseline
     from esa.config import BaselineConfig, DataConfig, ModelConfig, ProfileConfig, SelectionConfig
-    from esa.corpus import load_corpus
     from esa.evaluate import evaluate
-    from esa.modeling import LoadedModel
     from esa.perturbation import PerturbSpec, perturbed
     from esa.commands.profile import run_profile
     from esa.progress import quiet
@@ -395,8 +420,7 @@ def end_to_end_child(args: argparse.Namespace) -> int:
     from esa.selection import select_extreme
     from esa.session import Session
     from esa.tensors import select_tensors
-    from esa.tiny import ASSETS_DIR
-    from esa.windows import make_windows, tokenize
+    from esa.windows import make_windows
 
     out = Partial(Path(args.child_end_to_end))
     device = torch.device(args.device)
@@ -423,19 +447,8 @@ def end_to_end_child(args: argparse.Namespace) -> int:
 
     torch.manual_seed(0)
     _reset_peak(cuda)
-    start = time.perf_counter()
-    with torch.device(device):  # parameters are created and initialised on the device itself
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval().requires_grad_(False)
-    if cuda:
-        torch.cuda.synchronize()
-    init_s = time.perf_counter() - start
-    tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR)
-    wikitext = (WIKITEXT / "wiki.test.raw").exists()
-    corpus = load_corpus("wikitext2", dataset_path=WIKITEXT) if wikitext else load_corpus("embedded")
-    ids = tokenize(tokenizer, corpus.text)
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, model_id=described, source="random", revision=None,
-                         dtype=dtype, device=device, max_positions=getattr(config, "max_position_embeddings", None))
+    loaded, corpus, ids, wikitext, init_s = random_model(config, described, device, dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
     windows = make_windows(ids, seq_len, max_samples=timing_windows, seed=0, max_positions=loaded.max_positions)
     session = Session(loaded=loaded, corpus=corpus, windows=windows)
     n_params = sum(p.numel() for p in model.parameters())

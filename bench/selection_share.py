@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.gpu_check import DEFAULT_CONFIG, WIKITEXT, load_architecture
+from bench.gpu_check import DEFAULT_CONFIG, WIKITEXT, load_architecture, random_model
 
 
 def _parse(argv):
@@ -40,16 +40,12 @@ def _parse(argv):
 
 def run(args) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from esa.commands.profile import run_profile
     from esa.config import DataConfig, ModelConfig, ProfileConfig, SelectionConfig
-    from esa.corpus import load_corpus
-    from esa.modeling import LoadedModel
     from esa.progress import quiet
     from esa.session import Session
-    from esa.tiny import ASSETS_DIR
-    from esa.windows import make_windows, tokenize
+    from esa.windows import make_windows
 
     device = torch.device(args.device)
     config, described = load_architecture(args.config, args.tiny)
@@ -58,15 +54,8 @@ def run(args) -> dict:
     seq_len = 32 if args.tiny else args.seq_len
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    with torch.device(device):  # initialised on the device itself
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR)
-    wikitext = (WIKITEXT / "wiki.test.raw").exists()
-    corpus = load_corpus("wikitext2", dataset_path=WIKITEXT) if wikitext else load_corpus("embedded")
-    ids = tokenize(tokenizer, corpus.text)
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, model_id=described, source="random", revision=None,
-                         dtype=dtype, device=device, max_positions=getattr(config, "max_position_embeddings", None))
+    loaded, corpus, ids, wikitext, _ = random_model(config, described, device, dtype)
+    model = loaded.model
     model_cfg = ModelConfig(model=described, dtype=str(dtype).removeprefix("torch."), device=str(device))
     selection = SelectionConfig(metric=args.metric, mode=args.mode, topk=100)
 

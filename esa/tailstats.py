@@ -65,8 +65,6 @@ def ready() -> bool:
 def draw_sample(flat: torch.Tensor, seed: int) -> torch.Tensor:
     """The seeded uniform sample of a flat score buffer (every element when it has at most ``SAMPLE``), on the
     buffer's device: the summary's sample, whose mean is also the shift of the power sums (:func:`moments`)."""
-    import torch
-
     n = flat.numel()
     if n <= SAMPLE:
         return flat
