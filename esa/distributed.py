@@ -66,6 +66,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0")) if active() else 0
 
 
+def local_world_size() -> int:
+    """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE), 1 outside a multi-process run."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if active() else 1
+
+
 def rank_label() -> str:
     """``"rank R/N: "`` in a multi-process run (to prefix error lines), else empty."""
     return f"rank {rank()}/{world_size()}: " if active() else ""

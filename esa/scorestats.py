@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from esa import tailstats
+from esa import distributed, tailstats
 from esa.experts import expert_rows
 from esa.scoreselect import MIN_TAIL_VALUES, Selection
 from esa.selection import WeightSet
@@ -39,13 +39,14 @@ STATISTICS_WORKERS_MIN_TENSORS = 64  # below this many distributions the fits ru
 
 
 def statistics_workers(n: int, *, leave: int = 0) -> int:
-    """Worker processes for ``n`` tail fits: one per available core but ``leave`` (kept for this process), none
-    for fewer than :data:`STATISTICS_WORKERS_MIN_TENSORS` distributions (starting a worker costs about what a few
-    dozen fits do) or when fewer than two cores would work."""
+    """Worker processes for ``n`` tail fits: one per available core but ``leave`` (kept for this process), the
+    cores shared by the ranks of a torchrun launch on this machine; none for fewer than
+    :data:`STATISTICS_WORKERS_MIN_TENSORS` distributions (starting a worker costs about what a few dozen fits do)
+    or when fewer than two cores would work."""
     if n < STATISTICS_WORKERS_MIN_TENSORS:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores -= leave
+    cores = cores // distributed.local_world_size() - leave
     return min(cores, n // 8) if cores > 1 else 0
 
 

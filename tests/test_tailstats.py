@@ -164,3 +164,21 @@ def test_fits_in_worker_processes_are_the_same_floats(rng):
         lazy.prefetch("a", summaries[0], 100)
         assert lazy._pool is None and not lazy._early
         assert json.dumps(describe_all(summaries, 100, fits=lazy, fallback=False)) == json.dumps(serial)
+
+
+def test_statistics_workers_share_the_cores_among_local_ranks_and_leave_one_to_a_gpu_driver(monkeypatch):
+    """One worker per core, none below 64 distributions; the ranks of a torchrun launch on one machine split the
+    cores, and a process that drives a GPU keeps one; fewer than two workers is no pool at all."""
+    import os
+
+    from esa import distributed
+    from esa.scorestats import statistics_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    assert statistics_workers(236) == 16 and statistics_workers(236, leave=1) == 15
+    assert statistics_workers(63) == 0 and statistics_workers(80) == 10  # n // 8
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert statistics_workers(236) == 4 and statistics_workers(236, leave=1) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert statistics_workers(236, leave=1) == 0  # 2 cores per rank, one kept: no pool
