@@ -112,6 +112,11 @@ class Timer:
 
         return _Phase()
 
+    def split(self, phase: str, part: str, seconds: float) -> None:
+        """Move ``seconds`` of ``phase`` into a phase of their own, ``part`` (phases never overlap)."""
+        self.phases[phase] -= seconds
+        self.phases[part] = self.phases.get(part, 0.0) + seconds
+
     def as_dict(self) -> dict[str, float]:
         return {**{k: round(v, 4) for k, v in self.phases.items()}, "total": round(time.time() - self.started, 4)}
 

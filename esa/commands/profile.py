@@ -13,8 +13,9 @@ Files in the run directory:
   ``bottom_k`` how many unused (zero-score) weights bottom-k left out: see :mod:`esa.selection`);
 - ``stability.json`` and ``stability/top_weights_seed<S>.csv`` with ``--stability-check``;
 - ``scores.safetensors`` with ``--save-scores`` (float32, one entry per tensor: 4 bytes per weight);
-- ``plots/`` with ``--save-plots``; ``config.json``; ``experiment_manifest.json`` (last: under ``timings_s`` the
-  phases, under ``scoring.selection_s`` the part of the score phase spent selecting and summarising).
+- ``plots/`` with ``--save-plots``; ``config.json``; ``experiment_manifest.json`` (last; its ``timings_s`` gives
+  the phases: ``score`` the scoring passes, ``selection`` selecting and summarising each group's scores,
+  ``statistics`` the tail fits and tables, ...).
 
 Score groups: the scored tensors are split into contiguous groups (``--score-groups``, or the plan's choice on
 CUDA), each scored in its own pass over the same windows; of each buffer only its top and bottom candidates and
@@ -78,6 +79,7 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
                     seed=config.data.seed, summarize=True, fits=fits,
                     on_scores=None if score_file is None else lambda s: [score_file.add(n, v)
                                                                          for n, v in s.scores.items()])
+            timer.split("score", "selection", scoring["selection_s"])
             with timer.phase("statistics"):
                 stats, stat_rows = score_statistics(selection, sel.topk, fits=fits)
                 loc_rows, loc_summary = location_table(selection)
@@ -137,7 +139,6 @@ def run_profile(config: ProfileConfig, *, command: str = "profile", session: Ses
 
             profile_plots(out_dir / "plots", selection, loc_rows, curves, metric=sel.metric)
     extra = {**session.describe(), "scoring": {"metric": sel.metric, "score_groups": scoring["score_groups"],
-                                               "selection_s": round(scoring["selection_s"], 4),
                                                "tensors": [t.name for t in selection.tensors], **scoring["meta"]}}
     planned = predicted_peak(model, list(selection.tensors), command="profile", metric=sel.metric,
                              seq_len=session.windows.input_ids.shape[1], n_windows=session.windows.n,
