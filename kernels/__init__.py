@@ -7,6 +7,10 @@ function picks one with :func:`backend_for` (environment variable ``ESA_KERNELS`
 - :mod:`~esa.kernels.topk`: exact streaming top-k / bottom-k with deterministic ties, exact global merge.
 - :mod:`~esa.kernels.perturb`: in-place perturbations of selected elements with bit-exact restore.
 - :mod:`~esa.kernels.rng`: counter-based random numbers, identical on every device.
+- :mod:`~esa.kernels.blockscan`: one read of a score buffer on a GPU (per-block extrema, zero and non-finite
+  counts, float64 power sums; ``block_scan`` / ``block_scan_torch``).
+- :mod:`~esa.kernels.moments`: float64 power sums of a CPU buffer (torch reference, and one compiled loop with the
+  block extrema for large buffers).
 """
 
 from esa.kernels.accumulate import OPS, accumulate_, accumulate_torch, accumulate_triton
