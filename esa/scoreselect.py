@@ -68,12 +68,12 @@ def reduce_scores(scores: ScoreSet, k: int, *, summarize: bool, seed: int, skip_
     """
     out = {}
     tail = max(k, MIN_TAIL_VALUES)
+    absolute = is_signed(scores.metric)  # rank |S|, taken as each element is read (no copy of the buffer)
     for t in scores.tensors:
         if t.name not in scores.scores:
             continue
         s = scores.scores[t.name]
         flat = s.detach().reshape(-1)
-        absolute = is_signed(scores.metric)  # rank |S|, taken as each element is read (no copy of the buffer)
         sample = tailstats.draw_sample(flat, seed) if summarize else None
         sample = sample.abs() if sample is not None and absolute else sample
         shift = float(sample.double().mean()) if sample is not None else None

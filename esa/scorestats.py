@@ -67,7 +67,7 @@ class FitWorkers:
         self.early = early
         self._pool = None
         self._error: BaseException | None = None
-        self._early: dict[str, tuple] = {}  # key -> (summary, k, future) of prefetch()
+        self._prefetched: dict[str, tuple] = {}  # key -> (summary, k, future), from prefetch()
 
     def __enter__(self) -> FitWorkers:
         if self.early:
@@ -105,7 +105,7 @@ class FitWorkers:
 
         if self._pool is not None:
             try:
-                self._early[key] = (summary, k, self._pool.submit(tailstats.describe, summary, k))
+                self._prefetched[key] = (summary, k, self._pool.submit(tailstats.describe, summary, k))
             except (RuntimeError, BrokenProcessPool):  # a broken pool: describe() falls back
                 pass
 
@@ -119,14 +119,13 @@ class FitWorkers:
         if self._error is not None and not fallback:
             raise self._error
         if self._pool is not None:
-            keys = keys or [None] * len(summaries)
-            early = [self._early.get(key) if key is not None else None for key in keys]
-            early = [e if e is not None and e[0] is s and e[1] == k else None for e, s in zip(early, summaries)]
+            found = [self._prefetched.get(key) for key in keys or [None] * len(summaries)]
+            found = [f if f is not None and f[0] is s and f[1] == k else None for f, s in zip(found, summaries)]
             try:
-                rest = [s for s, e in zip(summaries, early) if e is None]
+                rest = [s for s, f in zip(summaries, found) if f is None]
                 fitted = iter(self._pool.map(tailstats.describe, rest, itertools.repeat(k),
                                              chunksize=max(1, len(rest) // (4 * self.workers))))
-                return [next(fitted) if e is None else e[2].result() for e in early]
+                return [next(fitted) if f is None else f[2].result() for f in found]
             except (OSError, BrokenProcessPool):
                 if not fallback:
                     raise

@@ -91,8 +91,8 @@ class Candidates:
 def tensor_candidates(name: str, score: torch.Tensor, k: int, *, largest: bool = True, metric: str = "",
                       skip_unused: bool = False, scanned: Scan | None = None) -> Candidates:
     """The best ``min(k, numel)`` of one score buffer, ranked by :func:`esa.scoring.ranking_view` for ``metric``
-    (|S| of a signed metric, taken as the elements are read: never a copy of the buffer on a GPU); NaN or inf
-    scores are refused. ``skip_unused`` (bottom-k only): zero scores are not ranked (module docstring), so fewer
+    (|S| of a signed metric: taken as the elements are read on the block path, a copy only where the whole
+    buffer is selected, i.e. small buffers or large k); NaN or inf scores are refused. ``skip_unused`` (bottom-k only): zero scores are not ranked (module docstring), so fewer
     than k may come back.
 
     ``scanned`` (:func:`esa.scorescan.scan` of the ranking view, with ``nonzero_min`` for a bottom-k that skips

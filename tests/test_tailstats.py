@@ -158,11 +158,11 @@ def test_fits_in_worker_processes_are_the_same_floats(rng):
         fits.prefetch("a", summaries[0], 100)  # fitted while selection would go on
         fits.prefetch("b", summaries[1], 5)  # another k: fitted again
         early = describe_all(summaries, 100, fits=fits, fallback=False, keys=["a", "b", None, None])
-        assert fits._early["a"][2].done()
+        assert fits._prefetched["a"][2].done()
     assert json.dumps(early) == json.dumps(serial) and fits._pool is None  # shut down on leaving
     with FitWorkers(2, early=False) as lazy:  # scoring on the CPU: no workers until the statistics need them
         lazy.prefetch("a", summaries[0], 100)
-        assert lazy._pool is None and not lazy._early
+        assert lazy._pool is None and not lazy._prefetched
         assert json.dumps(describe_all(summaries, 100, fits=lazy, fallback=False)) == json.dumps(serial)
 
 
